@@ -1,0 +1,146 @@
+"""`python train.py` / `ethos-train`: compose the config, check it, then data, model, trainer, fit.
+
+Order matters for users: every config mistake is reported in one line before any data is read or
+any large module is imported.
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ethos.config import check_keys, register_resolvers
+from ethos.errors import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("ethos")
+
+
+def print_config(cfg: DictConfig, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(str(key)).add(Syntax(text, "yaml", theme="ansi_dark"))
+    Console().print(tree)
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+        return str(path)
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume={cfg.resume!r}: valid are auto, never")
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume == "auto" and last.is_file():
+        return str(last)
+    return None
+
+
+def build_model_config(cfg: DictConfig):
+    """Instantiate and dry-build the model on the meta device: catches every size mistake in ~1 s."""
+    import torch
+    from hydra.utils import instantiate
+
+    from ethos.tasks.registry import backbone_for
+
+    check_keys(cfg.model, "model")
+    model_cfg = instantiate(cfg.model, _convert_="object")
+    with torch.device("meta"):
+        backbone_for(cfg)(model_cfg)
+    return model_cfg
+
+
+def train(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    model_cfg = build_model_config(cfg)
+    check_keys(cfg.optim, "optim")
+    optim = instantiate(cfg.optim)
+    for group in ("data", "trainer", "logger", "callbacks"):
+        if cfg.get(group):
+            check_keys(cfg[group], group)
+    ckpt = find_resume_ckpt(cfg, out_dir)
+    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.get('max_steps')}: pretraining is step-based, "
+                          "set a positive number of steps")
+
+    import lightning as L
+
+    from ethos.tasks.registry import task_for
+
+    if cfg.print_config:
+        print_config(cfg, out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)  # constructors only check arguments; nothing is read yet
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        task = task_for(cfg)(model=model_cfg, optim=optim, vocab_size=datamodule.vocab_size,
+                             pad_id=datamodule.pad_id)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        if ckpt:
+            log.info(f"resuming from {ckpt}")
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
+        if getattr(task, "interrupted", False):
+            log.warning("interrupted: re-run the same command to resume")
+        metric = trainer.callback_metrics.get("val/loss")
+        return float(metric) if metric is not None else None
+    finally:
+        finish_wandb(trainer)
+
+
+def finish_wandb(trainer=None) -> None:
+    """Close the W&B run whatever happened, so the next job of a multirun starts cleanly."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return train(cfg)
+    except ConfigError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ethos: config error: {e}", file=sys.stderr)
+        if multirun:
+            return None  # one bad job of a sweep must not stop the others
+        sys.exit(2)
+    except Exception:
+        if multirun:
+            log.exception("job failed; the sweep goes on")
+            return None
+        raise
+
+
+def main() -> None:
+    register_resolvers()
+    _main()
+
+
+if __name__ == "__main__":
+    main()
