@@ -19,7 +19,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("ethos")
 
 
-def print_config(cfg: DictConfig, out_dir: Path) -> None:
+def print_config(cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.syntax import Syntax
     from rich.tree import Tree
@@ -29,7 +29,6 @@ def print_config(cfg: DictConfig, out_dir: Path) -> None:
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
         tree.add(str(key)).add(Syntax(text, "yaml", theme="ansi_dark"))
     Console().print(tree)
-    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
@@ -49,8 +48,8 @@ def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
 def build_model_config(cfg: DictConfig):
     """Instantiate and dry-build the model on the meta device: catches every size mistake in ~1 s."""
     import torch
-    from hydra.utils import instantiate
 
+    from ethos.config import instantiate
     from ethos.tasks.registry import backbone_for
 
     check_keys(cfg.model, "model")
@@ -61,10 +60,10 @@ def build_model_config(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
+    from ethos.config import instantiate
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model_cfg = build_model_config(cfg)
     check_keys(cfg.optim, "optim")
     optim = instantiate(cfg.optim)
@@ -81,7 +80,8 @@ def train(cfg: DictConfig) -> float | None:
     from ethos.tasks.registry import task_for
 
     if cfg.print_config:
-        print_config(cfg, out_dir)
+        print_config(cfg)
+    (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)  # constructors only check arguments; nothing is read yet
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -90,8 +90,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         datamodule.prepare_data()
         datamodule.setup("fit")
-        task = task_for(cfg)(model=model_cfg, optim=optim, vocab_size=datamodule.vocab_size,
-                             pad_id=datamodule.pad_id)
+        task = task_for(cfg)(model=model_cfg, optim=optim, **datamodule.task_kwargs())
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if ckpt:

@@ -65,3 +65,19 @@ def check_keys(node, key: str) -> None:
     elif isinstance(node, ListConfig):
         for i, item in enumerate(node):
             check_keys(item, f"{key}[{i}]")
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate that lets our ConfigError through instead of wrapping it."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -1,4 +1,4 @@
-"""Nothing lost on interruption: Ctrl-C or SIGTERM finishes the current step, saves last.ckpt, exits."""
+"""Nothing lost: Ctrl-C or SIGTERM finishes the current step, saves last.ckpt and stops; so does the end of fit."""
 
 import logging
 import signal
@@ -30,6 +30,9 @@ class GracefulStop(L.Callback):
             old(signum, frame)
 
     def on_train_start(self, trainer, pl_module):
+        for logger in trainer.loggers:  # a resumed run redoes the steps after its checkpoint
+            if hasattr(logger, "drop_after"):
+                logger.drop_after(trainer.global_step)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.getsignal(sig)
@@ -45,6 +48,10 @@ class GracefulStop(L.Callback):
             pl_module.interrupted = True
 
     def on_train_end(self, trainer, pl_module):
+        # the run may end between ModelCheckpoint's saves: keep last.ckpt at the final step
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        if saved != trainer.global_step and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
         for sig, old in self._old.items():
             try:
                 signal.signal(sig, old)

@@ -163,6 +163,10 @@ class TextDataModule(L.LightningDataModule):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    def task_kwargs(self) -> dict:
+        """What the task needs to know about the data to build its model."""
+        return {"vocab_size": self.vocab_size, "pad_id": self.pad_id}
+
     def collate(self):
         return MLMCollator(self.tokenizer, self.mlm_probability, self.seed)
 

@@ -3,13 +3,19 @@
 `attn_mask` is a (B, T) bool padding mask, True = real token. Every module gets the same common
 constructor arguments from the backbone (d_model, n_heads, head_dim, rope_dims, rope_theta,
 rope_interleave, max_seq_len, dropout); variant-specific ones come from the model config.
+
+Each class has a closed-form `param_count(...)` taking the same arguments as its constructor, so the
+sizes of a config can be read without building it (and tests check the formula against the module).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ethos.errors import ConfigError
 from ethos.models.rope import Rotary
+
+ROPE_STYLES = ("partial", "decoupled")
 
 
 def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tuple[Tensor | None, bool]:
@@ -20,6 +26,14 @@ def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tupl
     if is_causal:
         mask = mask & torch.ones(T, T, dtype=torch.bool, device=device).tril()
     return mask, False
+
+
+def _check_dim(key: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        valid = "a positive integer or null" if allow_none else "a positive integer"
+        raise ConfigError(f"model.attn.{key}={value!r}: must be {valid}")
 
 
 class MHA(nn.Module):
@@ -36,6 +50,12 @@ class MHA(nn.Module):
         self.rope = Rotary(rope_dims, rope_theta, rope_interleave, max_seq_len)
         self.dropout = dropout
 
+    @staticmethod
+    def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
+                    bias: bool = False, **_) -> int:
+        inner = n_heads * (head_dim or d_model // n_heads)
+        return 4 * d_model * inner + bias * (3 * inner + d_model)
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -44,3 +64,130 @@ class MHA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    c_q = RMSNorm(x W_qa) (r_q = `q_latent`; null = q straight from x), q = c_q W_qb;
+    c_kv = RMSNorm(x W_kva) (r_kv = `kv_latent`), [k_nope_h, v_h] = c_kv W_kvb_h, W_kvb laid out per
+    head as (H, d_k + d_v) rows: the layout of DeepSeek checkpoints, so their weights load unpermuted.
+
+    rope_style="partial": q/k heads are `head_dim` wide, RoPE on their first `rope_dims` channels
+    (the reference study's encoder). rope_style="decoupled" (DeepSeek): `head_dim` is d_nope, q gets
+    `rope_dims` extra per-head channels from c_q, and ONE rope key head k_r = RoPE(x W_kr) from x is
+    shared by all heads; scores are scaled by (d_nope + d_r)^-0.5.
+
+    All down-projections (W_qa or W_q, W_kva, W_kr) read the same x, so they are one fused Linear
+    `qkv_a`: one launch instead of three, rows laid out [W_qa; W_kva; W_kr].
+    """
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
+                 rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
+                 dropout: float = 0.0, q_latent: int | None = None, kv_latent: int = 64,
+                 v_head_dim: int | None = None, rope_style: str = "partial", bias: bool = False,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        _check_dim("q_latent", q_latent, allow_none=True)
+        _check_dim("kv_latent", kv_latent)
+        _check_dim("v_head_dim", v_head_dim, allow_none=True)
+        if rope_style not in ROPE_STYLES:
+            raise ConfigError(f"model.attn.rope_style={rope_style!r}: valid are {', '.join(ROPE_STYLES)}")
+        head_dim = head_dim or d_model // n_heads
+        if rope_style == "decoupled" and (rope_dims < 2 or rope_dims % 2):
+            raise ConfigError(f"model.rope_dims={rope_dims}: rope_style=decoupled needs a positive even "
+                              "number of rope channels (the shared rope key head)")
+        self.n_heads, self.rope_style = n_heads, rope_style
+        self.q_latent, self.kv_latent = q_latent, kv_latent
+        self.d_v = v_head_dim or head_dim
+        decoupled = rope_style == "decoupled"
+        # per-head widths: q/k heads are d_k (+ d_r rope channels when decoupled)
+        self.d_k, self.d_r = head_dim, (rope_dims if decoupled else 0)
+        self.d_qk = self.d_k + self.d_r
+        q_in = q_latent or n_heads * self.d_qk
+        self.split = [q_in, kv_latent, self.d_r]
+        self.qkv_a = nn.Linear(d_model, sum(self.split), bias=bias)
+        self.q_norm = nn.RMSNorm(q_latent, eps=norm_eps) if q_latent else None
+        self.q_b = nn.Linear(q_latent, n_heads * self.d_qk, bias=False) if q_latent else None
+        self.kv_norm = nn.RMSNorm(kv_latent, eps=norm_eps)
+        self.kv_b = nn.Linear(kv_latent, n_heads * (self.d_k + self.d_v), bias=False)
+        self.out = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
+        self.rope = Rotary(rope_dims, rope_theta, rope_interleave, max_seq_len)
+        self.scale = self.d_qk ** -0.5
+        self.dropout = dropout
+
+    @staticmethod
+    def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
+                    q_latent: int | None = None, kv_latent: int = 64, v_head_dim: int | None = None,
+                    rope_style: str = "partial", bias: bool = False, **_) -> int:
+        d_k = head_dim or d_model // n_heads
+        d_v = v_head_dim or d_k
+        d_r = rope_dims if rope_style == "decoupled" else 0
+        q_heads = n_heads * (d_k + d_r)
+        if q_latent:  # W_qa, its RMSNorm gain, W_qb
+            q = d_model * q_latent + q_latent + q_latent * q_heads
+        else:
+            q = d_model * q_heads
+        kv = d_model * (kv_latent + d_r) + kv_latent + kv_latent * n_heads * (d_k + d_v)
+        down_bias = (q_latent or q_heads) + kv_latent + d_r
+        return q + kv + n_heads * d_v * d_model + bias * (down_bias + d_model)
+
+    def project_out(self, o: Tensor) -> Tensor:
+        """(B, T, H * d_v) concatenated head outputs -> (B, T, d)."""
+        return self.out(o)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        q, c_kv, k_r = self.qkv_a(x).split(self.split, dim=-1)
+        if self.q_b is not None:
+            q = self.q_b(self.q_norm(q))
+        q = q.view(B, T, H, self.d_qk).transpose(1, 2)
+        kv = self.kv_b(self.kv_norm(c_kv)).view(B, T, H, self.d_k + self.d_v).transpose(1, 2)
+        k, v = kv.split([self.d_k, self.d_v], dim=-1)
+        if self.d_r:  # decoupled: rotate the trailing d_r query channels and the shared key head
+            q_nope, q_r = q.split([self.d_k, self.d_r], dim=-1)
+            q = torch.cat((q_nope, self.rope(q_r)), dim=-1)
+            k_r = self.rope(k_r.view(B, 1, T, self.d_r)).expand(B, H, T, self.d_r)
+            k = torch.cat((k, k_r), dim=-1)
+        else:  # partial: rotate the first rope_dims channels of every q and k head
+            q, k = self.rope(q), self.rope(k)
+        mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.project_out(o.transpose(1, 2).reshape(B, T, H * self.d_v))
+
+
+class MLAO(MLA):
+    """MLA with a shared output latent (the reference study's MLA-o).
+
+    W_O is split into per-head W_OA_h (d_v -> d_o) and one shared W_OB (d_o -> d):
+    out = (sum_h o_h W_OA_h) W_OB = concat_h(o_h) [W_OA stacked] W_OB, i.e. two plain matmuls on the
+    concatenated heads (no per-head loop). Fewer FLOPs than MLA's W_O when
+    d_o < d * H * d_v / (H * d_v + d).
+    """
+
+    # explicit arguments (not **kwargs) so that unknown config keys are still reported by check_keys
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
+                 rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
+                 dropout: float = 0.0, q_latent: int | None = None, kv_latent: int = 64,
+                 v_head_dim: int | None = None, rope_style: str = "partial", bias: bool = False,
+                 norm_eps: float = 1e-6, o_latent: int = 64):
+        _check_dim("o_latent", o_latent)
+        super().__init__(d_model, n_heads, head_dim, rope_dims, rope_theta, rope_interleave, max_seq_len,
+                         dropout, q_latent, kv_latent, v_head_dim, rope_style, bias, norm_eps)
+        self.o_latent = o_latent
+        inner = self.out.in_features
+        del self.out
+        self.o_a = nn.Linear(inner, o_latent, bias=False)  # stacked W_OA_h: (H * d_v) -> d_o
+        self.o_b = nn.Linear(o_latent, d_model, bias=bias)  # shared W_OB (depth-scaled init)
+
+    @staticmethod
+    def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
+                    o_latent: int = 64, **kwargs) -> int:
+        inner = n_heads * (kwargs.get("v_head_dim") or head_dim or d_model // n_heads)
+        mla = MLA.param_count(d_model, n_heads, head_dim, rope_dims, **kwargs)
+        return mla - inner * d_model + o_latent * (inner + d_model)  # W_O -> W_OA, W_OB
+
+    def project_out(self, o: Tensor) -> Tensor:
+        return self.o_b(self.o_a(o))

@@ -17,9 +17,9 @@ class Rotary(nn.Module):
         self._build(max_seq_len)
 
     def _build(self, seq_len: int, device=None) -> None:
-        # float32 tables regardless of model dtype: positions past ~256 lose precision in bf16
-        inv_freq = self.theta ** (-torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims)
-        ang = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, dims/2)
+        # float64 tables cast at use: exact in every dtype (bf16 angles would be off past ~256 positions)
+        inv_freq = self.theta ** (-torch.arange(0, self.dims, 2, dtype=torch.float64, device=device) / self.dims)
+        ang = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)  # (T, dims/2)
         self.register_buffer("cos", ang.cos(), persistent=False)
         self.register_buffer("sin", ang.sin(), persistent=False)
 

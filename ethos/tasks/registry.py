@@ -1,10 +1,18 @@
-"""The data modality and objective choose backbone and task; `model=` only chooses the blocks."""
+"""The data modality and `objective` choose backbone and task; `model=` only chooses the blocks.
+
+Each entry: task class, backbone class and the placeholder sizes for the dry build on the meta
+device (run before any data is read, to check the model config). Paths are strings so nothing
+heavy is imported before the config is known to be good.
+"""
 
 from omegaconf import DictConfig
 
 from ethos.errors import ConfigError
 
-OBJECTIVES = {"text": ("mlm",)}
+TASKS = {
+    ("text", "mlm"): ("ethos.tasks.mlm.MaskedLM", "ethos.models.encoder.Encoder", {"vocab_size": 8}),
+}
+DEFAULT_OBJECTIVE = {"text": "mlm", "image": "cls"}
 
 
 def modality(cfg: DictConfig) -> str:
@@ -13,24 +21,25 @@ def modality(cfg: DictConfig) -> str:
     return getattr(get_class(cfg.data._target_), "modality", "text")
 
 
-def _check(cfg: DictConfig) -> str:
+def _entry(cfg: DictConfig) -> tuple[str, str, dict]:
     mod = modality(cfg)
-    if cfg.objective not in OBJECTIVES.get(mod, ()):
-        raise ConfigError(f"objective={cfg.objective!r}: valid for {mod} data are "
-                          f"{', '.join(OBJECTIVES.get(mod, ()))}")
-    return mod
+    objective = cfg.get("objective") or DEFAULT_OBJECTIVE.get(mod)
+    if (mod, objective) not in TASKS:
+        valid = sorted(o for m, o in TASKS if m == mod)
+        raise ConfigError(f"objective={objective!r}: valid for {mod} data are {', '.join(valid)}")
+    return TASKS[mod, objective]
 
 
 def backbone_for(cfg: DictConfig):
-    """A callable model_cfg -> nn.Module, used for the dry build on the meta device."""
-    _check(cfg)
-    from ethos.models.encoder import Encoder
+    """A callable model_cfg -> nn.Module with placeholder sizes, for the dry build."""
+    from hydra.utils import get_class
 
-    return lambda model_cfg: Encoder(model_cfg, vocab_size=8)
+    _, backbone, placeholder = _entry(cfg)
+    cls = get_class(backbone)
+    return lambda model_cfg: cls(model_cfg, **placeholder)
 
 
 def task_for(cfg: DictConfig):
-    _check(cfg)
-    from ethos.tasks.mlm import MaskedLM
+    from hydra.utils import get_class
 
-    return MaskedLM
+    return get_class(_entry(cfg)[0])

@@ -1,0 +1,52 @@
+"""PEER (He 2024, "Mixture of A Million Experts"): N single-neuron experts behind a product-key router.
+
+    y = sum_h sum_{i in I_h(x)} s_i act(u_i . x) v_i         (heads summed, s = softmax over top-k)
+
+Paper-faithful: softmax over the top-k (not PEER-pytorch's default top-1 ReLU scores) and a
+BatchNorm on the queries. `impl="naive"` (default) is the usual gather + einsum implementation;
+`impl="torch"` uses the same embedding-bag mixing kernels as ETHOS (no (T*H*k, d) gathers).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ethos.errors import ConfigError
+from ethos.kernels.latent_experts import ACTIVATIONS, expert_mix
+from ethos.models.moe.router import ProductKeyRouter, routing_stats
+
+
+class PEER(nn.Module):
+    def __init__(self, d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8,
+                 d_query: int = 128, k_prime: int | None = None, activation: str = "gelu", impl: str = "naive"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"model.ffn.activation={activation}: must be one of {', '.join(ACTIVATIONS)}")
+        if impl not in ("naive", "torch"):
+            raise ConfigError(f"model.ffn.impl={impl}: PEER supports naive or torch")
+        self.router = ProductKeyRouter(d_model, num_experts, n_heads, top_k, d_query, k_prime)
+        self.num_experts, self.activation, self.impl = num_experts, activation, impl
+        # u ~ 1/sqrt(d) keeps u . x ~ O(1) for unit-RMS x; v small (0.02) like a GPT residual branch
+        self.down = nn.Embedding(num_experts, d_model)
+        self.up = nn.Embedding(num_experts, d_model)
+        nn.init.normal_(self.down.weight, std=d_model**-0.5)
+        nn.init.normal_(self.up.weight, std=0.02)
+        self.stats: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        B, T, d = x.shape
+        xf = x.reshape(B * T, d)
+        mask = None if pad_mask is None else pad_mask.reshape(B * T)
+        idx, s = self.router(xf, mask)
+        if self.training:
+            self.stats = routing_stats(idx, s, self.num_experts, mask)
+        if mask is not None:
+            s = s * mask[:, None, None].to(s.dtype)                       # padding -> zero output
+        if self.impl == "torch":
+            y = expert_mix(xf, self.down.weight, self.up.weight, idx.reshape(B * T, -1),
+                           s.reshape(B * T, -1).to(x.dtype), self.activation, "torch")
+        else:
+            act = F.gelu if self.activation == "gelu" else torch.relu
+            h = act(torch.einsum("thkd,td->thk", self.down(idx), xf))
+            y = torch.einsum("thk,thkd->td", s * h, self.up(idx))
+        return y.view(B, T, d)

@@ -1,0 +1,173 @@
+"""Isolated-layer forward+backward throughput of MHA / MLA / MLA-o over a grid of sizes.
+
+    python scripts/bench_attention.py                       # CPU default grid, a few minutes
+    python scripts/bench_attention.py --device cuda --tokens 65536 --seq 512 1024 2048 4096
+
+For every (d_model, seq) point all variants are built in this process, warmed up, then timed
+round-robin (one step of each variant per repeat, so load drift on a shared machine hits all of them
+alike); the median step time is reported. MHA and MLA do not depend on d_o and are timed once per
+point. FLOPs per token count the matmuls of the forward pass (projections + scores + weighted sum,
+bidirectional); a training step costs about 3x. Writes <out>.csv and <out>.png.
+"""
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.models.attention import MHA, MLA, MLAO
+
+
+def flops_per_token(m: nn.Module, seq: int) -> int:
+    """Forward matmul FLOPs per token: 2 * in * out for every Linear, plus 2*T*H*(d_qk + d_v) for
+    q k^T and p v over a full (bidirectional) sequence."""
+    linear = sum(2 * mod.in_features * mod.out_features for mod in m.modules() if isinstance(mod, nn.Linear))
+    if isinstance(m, MHA):
+        d_qk = d_v = m.head_dim
+    else:
+        d_qk, d_v = m.d_qk, m.d_v
+    return linear + 2 * seq * m.n_heads * (d_qk + d_v)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_fn(m: nn.Module, x: torch.Tensor):
+    def step():
+        m(x).float().sum().backward()  # backward reaches x and every weight, as in training
+    return step
+
+
+def build(d: int, heads: int, seq: int, q_lat: int, kv_lat: int, o_lats: list[int], args):
+    common = {"d_model": d, "n_heads": heads, "head_dim": d // heads, "rope_dims": (d // heads) // 2,
+                  "max_seq_len": seq}
+    mods = {"MHA": MHA(**common), "MLA": MLA(q_latent=q_lat, kv_latent=kv_lat, **common)}
+    for o in o_lats:
+        mods[f"MLA-o/{o}"] = MLAO(q_latent=q_lat, kv_latent=kv_lat, o_latent=o, **common)
+    return {k: m.to(args.device, args.dtype) for k, m in mods.items()}
+
+
+def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
+    batch = max(1, args.tokens // seq)
+    mods = build(d, heads, seq, q_lat, kv_lat, o_lats, args)
+    x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
+    steps = {k: step_fn(m, x) for k, m in mods.items()}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times = {k: [] for k in mods}
+    for _ in range(args.repeats):
+        for k, step in steps.items():
+            for m in mods.values():
+                m.zero_grad(set_to_none=True)
+            x.grad = None
+            sync(args.device)
+            t0 = time.perf_counter()
+            step()
+            sync(args.device)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for k, m in mods.items():
+        rows.append({"d_model": d, "heads": heads, "seq": seq, "batch": batch, "q_latent": q_lat, "kv_latent": kv_lat,
+                         "o_latent": m.o_latent if isinstance(m, MLAO) else "", "variant": k.split("/")[0],
+                         "ms": 1e3 * med[k], "ktok_s": batch * seq / med[k] / 1e3,
+                         "mflop_tok": flops_per_token(m, seq) / 1e6,
+                         "time_vs_mha": med[k] / med["MHA"], "time_vs_mla": med[k] / med["MLA"],
+                         "flops_vs_mla": flops_per_token(m, seq) / flops_per_token(mods["MLA"], seq)})
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for seq in sorted({r["seq"] for r in rows}):
+        for variant in ("MLA", "MLA-o"):
+            for o_frac in sorted({r["o_latent"] / r["d_model"] for r in rows if r["variant"] == "MLA-o"}):
+                sel = [r for r in rows if r["seq"] == seq and r["variant"] == variant
+                       and (variant == "MLA" or r["o_latent"] / r["d_model"] == o_frac)]
+                label = f"{variant} T={seq}" + (f" d_o=d/{round(1 / o_frac)}" if variant == "MLA-o" else "")
+                xs = [r["d_model"] for r in sel]
+                axes[0].plot(xs, [r["time_vs_mha"] for r in sel], marker="o", label=label)
+                if variant == "MLA-o":
+                    axes[1].plot(xs, [r["time_vs_mla"] for r in sel], marker="o", label=label)
+                    axes[1].plot(xs, [r["flops_vs_mla"] for r in sel], ls=":", color=axes[1].lines[-1].get_color())
+                if variant == "MLA":
+                    break  # MLA does not depend on d_o
+    for ax, title in zip(axes, ("step time / MHA", "MLA-o step time / MLA (dotted: FLOPs / MLA)")):
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_model")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default)")
+    p.add_argument("--d-model", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    p.add_argument("--head-dim", type=int, default=64, help="heads = d_model / head_dim")
+    p.add_argument("--seq", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--q-latent", type=float, default=0.25, help="r_q as a fraction of d_model")
+    p.add_argument("--kv-latent", type=float, default=0.125, help="r_kv as a fraction of d_model")
+    p.add_argument("--o-latent", type=float, nargs="+", default=[0.25, 0.5], help="d_o / d_model")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per step (batch = tokens / seq)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
+    p.add_argument("--out", default="bench_attention", help="writes OUT.csv and OUT.png")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+
+    grid = [(d, s) for d in args.d_model for s in args.seq]
+    rows = []
+    for d, seq in tqdm(grid, desc="bench", unit="point"):
+        o_lats = [int(f * d) for f in args.o_latent]
+        rows += bench_point(d, d // args.head_dim, seq, int(args.q_latent * d), int(args.kv_latent * d),
+                            o_lats, args)
+
+    cols = list(rows[0])
+    with open(f"{args.out}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, Path(f"{args.out}.png"))
+
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    show = ["d_model", "heads", "seq", "batch", "q_latent", "kv_latent", "o_latent", "variant", "ms",
+            "ktok_s", "mflop_tok", "time_vs_mha", "time_vs_mla", "flops_vs_mla"]
+    print(f"\n{args.device} {str(args.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} fwd+bwd steps; mflop_tok = forward MFLOPs per token")
+    print("| " + " | ".join(show) + " |\n|" + "---|" * len(show))
+    for r in rows:
+        print("| " + " | ".join(fmt(r[c]) for c in show) + " |")
+    # the claim to check: MLA-o is at least as fast as MLA wherever it has fewer FLOPs
+    fewer = [r for r in rows if r["variant"] == "MLA-o" and r["flops_vs_mla"] < 1]
+    slower = [r for r in fewer if r["time_vs_mla"] > 1]
+    print(f"\nMLA-o with fewer FLOPs than MLA: {len(fewer)} points, slower than MLA at {len(slower)}"
+          + "".join(f"\n  d={r['d_model']} T={r['seq']} d_o={r['o_latent']}: {r['time_vs_mla']:.3f}x"
+                    for r in slower))
+    print(f"wrote {args.out}.csv, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One data cache for the session: the offline corpus is tokenised once."""
+    path = Path(os.environ.get("ETHOS_TEST_CACHE", tmp_path_factory.mktemp("cache")))
+    os.environ["ETHOS_CACHE"] = str(path)
+    return path
+
+
+def compose(overrides: list[str], output_dir: Path | None = None, config_name: str = "train"):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ethos.config import register_resolvers
+
+    register_resolvers()
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else ["paths.output_dir=/nonexistent"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides + extra)
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

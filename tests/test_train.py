@@ -1,0 +1,101 @@
+"""End-to-end training: the loss falls, resuming continues exactly, interruption loses nothing."""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, compose
+from ethos.cli import train
+
+TINY = ["debug=tiny", "logger=csv"]
+
+
+def metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                if k not in ("step", "epoch") and v:
+                    out.setdefault(k, []).append((int(row["step"]), float(v)))
+    return out
+
+
+def test_short_run_loss_falls(cache_dir, tmp_path):
+    cfg = compose(TINY + ["trainer.max_steps=60", "trainer.val_check_interval=20", "optim.lr=2e-3"],
+                  output_dir=tmp_path)
+    final = train(cfg)
+    m = metrics(tmp_path)
+    val = [v for _, v in m["val/loss"]]
+    train_loss = [v for _, v in m["train/loss"]]
+    assert len(val) == 3 and val[-1] < val[0] - 0.3, val
+    assert train_loss[-1] < train_loss[0] - 1.0, train_loss
+    assert final == pytest.approx(val[-1])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert any((tmp_path / "checkpoints").glob("best-step*.ckpt"))
+    assert (tmp_path / "config_resolved.yaml").is_file()
+
+
+def _resume_cfg(out: Path, steps: int):
+    return compose(TINY + [f"trainer.max_steps={steps}", "trainer.val_check_interval=4",
+                           "callbacks.checkpoint.every_n_train_steps=4", "optim.schedule=constant",
+                           "optim.warmup=0"], output_dir=out)
+
+
+def test_resume_continues_with_identical_state(cache_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_resume_cfg(straight, 10))
+    train(_resume_cfg(split, 6))  # stops at 6 ...
+    first = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 6
+    train(_resume_cfg(split, 10))  # ... and the same command with more steps resumes there
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 10
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=1e-6, atol=1e-9)
+    steps = [s for s, _ in metrics(split)["train/loss"]]
+    assert len(steps) == len(set(steps)) == 10  # no step logged twice or missing
+    assert (split / "wandb_id.txt").exists() is False  # csv logger: no W&B state written
+
+
+@pytest.mark.timeout(300)
+def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
+    common = [sys.executable, str(ROOT / "train.py"), *TINY, "callbacks.checkpoint.every_n_train_steps=5",
+              f"paths.log_dir={tmp_path}"]
+    args = common + ["trainer.max_steps=100000"]
+    run_dir = tmp_path / "train" / "runs" / "callbacks.checkpoint.every_n_train_steps=5,debug=tiny,trainer.max_steps=100000"
+    log = open(tmp_path / "log.txt", "w")  # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 200
+        while not (run_dir / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = (tmp_path / "log.txt").read_text()
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    stopped = ckpt["global_step"]
+    assert 5 <= stopped < 100000, out
+    assert "re-run the same command to resume" in out
+    # the same command resumes from the saved step (max_steps lowered so the test stays short)
+    res = subprocess.run(common + [f"trainer.max_steps={stopped + 3}", f"run_name='{run_dir.name}'"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming from" in res.stdout + res.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped + 3
