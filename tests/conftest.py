@@ -33,6 +33,6 @@ def compose(overrides: list[str], output_dir: Path | None = None, config_name: s
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
+    full_env = dict(env) if env is not None else dict(os.environ)
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,7 @@ from ethos.cli import build_model_config, find_resume_ckpt
 from ethos.config import check_keys, instantiate, run_dir_name
 from ethos.errors import ConfigError
 
-GROUPS = ["model", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug"]
+GROUPS = ["model", "model/attn", "model/ffn", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug"]
 
 
 def options(group: str) -> list[str]:

@@ -34,9 +34,7 @@ class Trunk(nn.Module):
         for block in self.blocks:
             mark_residual_outputs(block)
             for m in (block.attn, block.ffn):
-                if hasattr(m, "init_weights"):
-                    m.init_weights()  # modules with their own scheme (experts) keep it
-                elif isinstance(m, nn.Module):
+                if not getattr(m, "custom_init", False):  # experts keep their own scheme
                     m.apply(lambda mod: init_linear(mod, cfg.n_layers))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:

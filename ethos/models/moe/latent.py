@@ -27,6 +27,8 @@ HEAD_REDUCE = ("mean", "sum")
 
 
 class LatentExperts(nn.Module):
+    custom_init = True  # Trunk leaves the init below alone
+
     def __init__(self, d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8,
                  d_query: int = 128, d_latent: int = 64, d_hidden: int = 256, k_prime: int | None = None,
                  head_reduce: str = "mean", impl: str = "auto"):

@@ -17,6 +17,8 @@ from ethos.models.moe.router import ProductKeyRouter, routing_stats
 
 
 class PEER(nn.Module):
+    custom_init = True  # Trunk leaves the init below alone
+
     def __init__(self, d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8,
                  d_query: int = 128, k_prime: int | None = None, activation: str = "gelu", impl: str = "naive"):
         super().__init__()
