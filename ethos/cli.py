@@ -97,7 +97,12 @@ def train(cfg: DictConfig) -> float | None:
             log.info(f"resuming from {ckpt}")
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
         if getattr(task, "interrupted", False):
-            log.warning("interrupted: re-run the same command to resume")
+            log.warning(f"interrupted at step {trainer.global_step}: re-run the same command to resume")
+            sys.exit(130)
+        history = getattr(task, "val_history", [])
+        if history:
+            log.info(f"val/loss {history[0][1]:.3f} (step {history[0][0]}) -> {history[-1][1]:.3f} "
+                     f"(step {history[-1][0]}); run dir {out_dir}")
         metric = trainer.callback_metrics.get("val/loss")
         return float(metric) if metric is not None else None
     finally:
@@ -125,7 +130,7 @@ def _main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"ethos: config error: {e}", file=sys.stderr)
+        print(f"ethos: {e.kind}: {e}", file=sys.stderr)
         if multirun:
             return None  # one bad job of a sweep must not stop the others
         sys.exit(2)

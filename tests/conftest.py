@@ -32,7 +32,9 @@ def compose(overrides: list[str], output_dir: Path | None = None, config_name: s
         return hydra_compose(config_name, overrides=overrides + extra)
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = dict(env) if env is not None else dict(os.environ)
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, drop: tuple[str, ...] = (),
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run train.py in a subprocess with this environment plus `env`, minus the `drop` variables."""
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

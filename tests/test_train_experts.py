@@ -1,7 +1,5 @@
 """Expert FFNs inside the full model: every expert tensor trains, the loss falls, bad impl fails clearly."""
 
-import os
-
 import pytest
 import torch
 
@@ -50,8 +48,8 @@ def test_ethos_model_trains(cache_dir, tmp_path):
 def test_triton_without_gpu_is_one_clear_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the triton path is valid here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = run_cli(["model=ethos", "model.ffn.impl=triton", "logger=csv"], cwd=tmp_path, env=env, timeout=120)
+    res = run_cli(["model=ethos", "model.ffn.impl=triton", "logger=csv"], cwd=tmp_path,
+                  drop=("TRITON_INTERPRET",), timeout=120)
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1, res.stderr
     assert "model.ffn.impl=triton" in lines[0] and "GPU" in lines[0]

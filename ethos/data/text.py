@@ -1,7 +1,15 @@
-"""Text pipeline: documents -> tokenizer (pretrained or trained here) -> packed blocks -> MLM batches.
+"""Text pipeline: documents -> tokenizer (pretrained or trained here) -> blocks -> MLM or CLM batches.
 
 Subclasses only say where documents come from (`load_documents`); tokenisation, packing, caching,
-splitting and masking live here so every text source behaves the same.
+splitting, streaming and masking live here so every text source behaves the same.
+
+Blocks, two modes (`packing`):
+  pack      documents concatenated, each ending in the separator, cut into [CLS] + (seq_len - 1)
+            tokens: no padding, nothing wasted (the tail of each map batch, < one block, is dropped).
+  truncate  the reference study's per-line mode: each document its own block [CLS] doc [SEP],
+            truncated to seq_len; the collator pads to seq_len and the attention mask marks padding.
+Rows are stored unpadded; the collator pads and derives the attention mask from the row length,
+never from the pad id (a tokenizer may reuse its EOS as pad).
 """
 
 import hashlib
@@ -10,8 +18,10 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import pyarrow.compute as pc
 import torch
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, load_from_disk
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
@@ -21,17 +31,28 @@ from ethos.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TOKENIZER_TYPES = ("wordpiece", "bpe")
+PACKING = ("pack", "truncate")
 
 
-def train_wordpiece(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
-    """BERT-uncased-style WordPiece trained with HF `tokenizers`, saved as a transformers tokenizer."""
+def train_tokenizer(texts, vocab_size: int, path: Path, kind: str = "wordpiece") -> PreTrainedTokenizerFast:
+    """BERT-uncased-style WordPiece, or byte-level BPE, trained with HF `tokenizers` and saved as a
+    transformers tokenizer. Both get the same BERT special tokens, so MLM and CLM work with either."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
+    else:  # byte-level BPE (GPT-2 style): no unknown tokens, case kept
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -42,51 +63,204 @@ def train_wordpiece(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFa
     return fast
 
 
-def pack(ds: Dataset, tokenizer, seq_len: int, num_proc: int | None = None) -> Dataset:
-    """Concatenate documents (each ending in [SEP]) and cut into [CLS] + (seq_len - 1) tokens: no padding."""
-    sep, cls, body = tokenizer.sep_token_id, tokenizer.cls_token_id, seq_len - 1
+def train_wordpiece(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
+    return train_tokenizer(texts, vocab_size, path, "wordpiece")
 
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [sep] for x in ids if x]}
 
-    def group(batch):
-        flat = [t for ids in batch["ids"] for t in ids]
+def special_ids(tokenizer) -> tuple[int | None, int, int]:
+    """(block start, document separator, pad): BERT's [CLS]/[SEP]/[PAD], else BOS/EOS (GPT-2 style)."""
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if sep is None:
+        raise ConfigError(f"data.tokenizer={tokenizer.name_or_path!r}: has neither a SEP nor an EOS token "
+                          "to separate documents")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep  # masked by length, not id
+    return start, sep, pad
+
+
+def word_starts(enc, i: int) -> list[int]:
+    """1 where token i begins a word (the tokenizer's pre-tokenizer words: '##' pieces continue one)."""
+    wid = enc.word_ids(i)
+    return [int(w is None or j == 0 or w != wid[j - 1]) for j, w in enumerate(wid)]
+
+
+class Blocks:
+    """Tokenise documents and cut them into blocks; used by both the cached (map) and streaming paths."""
+
+    def __init__(self, tokenizer, seq_len: int, packing: str = "pack", words: bool = False):
+        self.tok, self.seq_len, self.packing, self.words = tokenizer, seq_len, packing, words
+        self.start, self.sep, self.pad = special_ids(tokenizer)
+
+    def tokenize(self, batch: dict) -> dict:
+        enc = self.tok(batch["text"], add_special_tokens=False)
+        out = {"ids": enc["input_ids"], "n_tok": [len(x) for x in enc["input_ids"]]}
+        if self.words:
+            out["ws"] = [word_starts(enc, i) for i in range(len(enc["input_ids"]))]
+        return out
+
+    def group(self, batch: dict) -> dict:
+        """Tokenised documents (a batch) -> blocks; empty documents are dropped."""
+        docs = [i for i, ids in enumerate(batch["ids"]) if ids]
+        head = [] if self.start is None else [self.start]
+        ws = batch.get("ws")
+        if self.packing == "truncate":  # [CLS] doc [SEP], cut to seq_len (the reference's per-line mode)
+            body = self.seq_len - len(head) - 1
+            out = {"input_ids": [head + batch["ids"][i][:body] + [self.sep] for i in docs]}
+            if ws is not None:
+                out["word_start"] = [[1] * len(head) + ws[i][:body] + [1] for i in docs]
+            return out
+        body = self.seq_len - len(head)
+        flat = [t for i in docs for t in batch["ids"][i] + [self.sep]]
         n = len(flat) // body * body  # the tail of each map batch (< one block) is dropped
-        return {"input_ids": [[cls] + flat[i:i + body] for i in range(0, n, body)]}
+        out = {"input_ids": [head + flat[i:i + body] for i in range(0, n, body)]}
+        if ws is not None:
+            wflat = [w for i in docs for w in ws[i] + [1]]
+            out["word_start"] = [[1] * len(head) + wflat[i:i + body] for i in range(0, n, body)]
+        return out
 
-    cols = ds.column_names
-    ds = ds.map(tokenize, batched=True, remove_columns=cols, num_proc=num_proc, desc="tokenize")
-    return ds.map(group, batched=True, batch_size=2000, remove_columns=["ids"], num_proc=num_proc, desc="pack")
+
+def pack(ds: Dataset, tokenizer, seq_len: int, num_proc: int | None = None, packing: str = "pack",
+         words: bool = False) -> tuple[Dataset, dict]:
+    """Documents -> blocks (see the module docstring), plus the counts for the data-stats log."""
+    blocks = Blocks(tokenizer, seq_len, packing, words)
+    ds = ds.map(blocks.tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
+    n_tok = np.asarray(ds["n_tok"], dtype=np.int64)
+    ds = ds.remove_columns("n_tok")
+    out = ds.map(blocks.group, batched=True, batch_size=2000, remove_columns=ds.column_names,
+                 num_proc=num_proc, desc=packing)
+    if packing == "truncate":  # row lengths straight from the arrow column (no Python lists)
+        real = int(pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py() or 0)
+    else:
+        real = len(out) * seq_len
+    stats = {"documents": int((n_tok > 0).sum()), "empty_documents": int((n_tok == 0).sum()),
+             "tokens": int(n_tok.sum()), "blocks": len(out), "block_tokens": real,
+             "padding": 1 - real / max(1, len(out) * seq_len)}
+    if packing == "truncate":  # tokens cut off by the per-line truncation
+        stats["truncated_tokens"] = int(np.maximum(0, n_tok - (seq_len - 2)).sum())
+    return out, stats
+
+
+def pad_batch(items: list[dict], seq_len: int, pad_id: int, key: str = "input_ids", value: int | None = None):
+    """Right-pad rows to seq_len; returns (tensor, attention mask from the row lengths)."""
+    out = torch.full((len(items), seq_len), pad_id if value is None else value, dtype=torch.long)
+    attn = torch.zeros(len(items), seq_len, dtype=torch.long)
+    for r, it in enumerate(items):
+        row = it[key]
+        out[r, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attn[r, :len(row)] = 1
+    return out, attn
+
+
+def _batch_seed(seed: int, b: int) -> int:
+    return hash((seed, b)) & ((1 << 62) - 1)
 
 
 class MLMCollator:
-    """transformers' MLM masking (15%, 80/10/10), seeded per batch id so resumed runs match exactly."""
+    """transformers' MLM masking (15%, 80/10/10), seeded per batch id so resumed runs match exactly.
 
-    def __init__(self, tokenizer, mlm_probability: float = 0.15, seed: int = 0):
+    whole_word_mask: all pieces of a word are masked together (BERT's WWM). transformers 5 finds
+    words from `offset_mapping` (a new word where a token does not start at the previous token's
+    end); we store the tokenizer's own word starts with each block and hand the collator offsets
+    built from them (gap before each word start), which also works across packed documents. With
+    WWM transformers replaces every chosen token by [MASK] (no 10% random / 10% kept).
+    """
+
+    def __init__(self, tokenizer, mlm_probability: float = 0.15, seed: int = 0, seq_len: int | None = None,
+                 whole_word_mask: bool = False):
+        if tokenizer.mask_token is None:
+            raise ConfigError(f"data.tokenizer={tokenizer.name_or_path!r}: has no mask token, needed for "
+                              "masked LM (use objective=clm or another tokenizer)")
+        extra = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word_mask else {}
         self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
-                                                        return_tensors="pt")
-        self.seed = seed
+                                                        whole_word_mask=whole_word_mask, return_tensors="pt",
+                                                        **extra)
+        self.seed, self.seq_len, self.wwm = seed, seq_len, whole_word_mask
+        self.pad = special_ids(tokenizer)[2]
+        self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
 
     def __call__(self, items: list[dict]) -> dict:
         b = items[0].get("batch_idx", -1)
         if b >= 0:
-            self.collator.generator = torch.Generator().manual_seed(hash((self.seed, b)) & ((1 << 62) - 1))
-        ids = torch.tensor([it["input_ids"] for it in items], dtype=torch.long)
-        out = self.collator.torch_mask_tokens(ids.clone())
-        attn = (ids != self.collator.tokenizer.pad_token_id).long()
+            self.collator.generator = torch.Generator().manual_seed(_batch_seed(self.seed, b))
+        ids, attn = pad_batch(items, self.seq_len or max(len(it["input_ids"]) for it in items), self.pad)
+        special = torch.isin(ids, self.special) | (attn == 0)  # == tokenizer.get_special_tokens_mask
+        offsets = None
+        if self.wwm:
+            ws, _ = pad_batch(items, ids.shape[1], 1, key="word_start")
+            start = torch.arange(ids.shape[1]) + ws.cumsum(1)  # gap before every word start
+            offsets = torch.stack([start, start + 1], dim=-1)
+        out = self.collator.torch_mask_tokens(ids.clone(), special_tokens_mask=special.long(),
+                                              offset_mapping=offsets)
         return {"input_ids": out[0], "labels": out[1], "attention_mask": attn}
 
 
+class CLMCollator:
+    """Causal LM: no masking; labels are the inputs with padding -> -100 (the loss shifts them)."""
+
+    def __init__(self, pad_id: int, seq_len: int | None = None):
+        self.pad, self.seq_len = pad_id, seq_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        ids, attn = pad_batch(items, self.seq_len or max(len(it["input_ids"]) for it in items), self.pad)
+        return {"input_ids": ids, "labels": ids.masked_fill(attn == 0, -100), "attention_mask": attn}
+
+
+class StreamBlocks(torch.utils.data.IterableDataset):
+    """Streaming: tokenise + pack on the fly and yield whole collated batches.
+
+    Micro-batch b is the b-th batch of one seeded, ordered stream (passes reshuffled with
+    `set_epoch`), so a resumed run skips the first `start` batches' blocks (re-reading, not
+    training on them) and then sees exactly what the uninterrupted run would have; masks are seeded
+    by b as in the cached path. One ordered stream means one reader: num_workers must be 0 or 1.
+    """
+
+    def __init__(self, docs: IterableDataset, blocks: Blocks, collate, batch_size: int, start: int = 0,
+                 total: int | None = None, id_offset: int = 0, doc_batch: int = 256):
+        self.docs, self.blocks, self.collate, self.bs = docs, blocks, collate, batch_size
+        self.start, self.total, self.id_offset, self.doc_batch = start, total, id_offset, doc_batch
+
+    def _blocks(self):
+        epoch = 0
+        while True:
+            if hasattr(self.docs, "set_epoch"):
+                self.docs.set_epoch(epoch)
+            got = False
+            for batch in self.docs.iter(self.doc_batch):
+                grouped = self.blocks.group(self.blocks.tokenize(batch))
+                for r in range(len(grouped["input_ids"])):
+                    got = True
+                    yield {k: v[r] for k, v in grouped.items()}
+            if self.total is None or not got:  # evaluation: one pass; an empty stream: stop
+                return
+            epoch += 1
+
+    def __iter__(self):
+        b, items = 0, []
+        for item in self._blocks():
+            if self.total is not None and b >= self.total:
+                return
+            items.append(item)
+            if len(items) == self.bs:
+                if b >= self.start:
+                    yield self.collate([{**it, "batch_idx": self.id_offset + b} for it in items])
+                b, items = b + 1, []
+        if items and self.total is None:  # evaluation keeps the last partial batch
+            yield self.collate([{**it, "batch_idx": self.id_offset + b} for it in items])
+
+
 class TextDataModule(L.LightningDataModule):
-    """Base for masked-LM text data. Subclasses implement `load_documents` -> DatasetDict('text')."""
+    """Base for text data. Subclasses implement `load_documents(streaming)` -> DatasetDict with 'text'
+    (an IterableDatasetDict when streaming); a 'validation' split is held out when missing."""
 
     modality = "text"
+    supports_streaming = False
 
-    def __init__(self, cache_dir: str, tokenizer: str | None = None, vocab_size: int = 8192,
-                 seq_len: int = 128, batch_size: int = 32, eval_batch_size: int | None = None,
-                 val_fraction: float = 0.05, mlm_probability: float = 0.15, num_workers: int = 0,
-                 num_proc: int | None = None, seed: int = 0):
+    def __init__(self, cache_dir: str, tokenizer: str | None = None, tokenizer_type: str = "wordpiece",
+                 vocab_size: int = 8192, tokenizer_docs: int | None = None, seq_len: int = 128,
+                 packing: str = "pack", batch_size: int = 32, eval_batch_size: int | None = None,
+                 val_fraction: float = 0.05, mlm_probability: float = 0.15, whole_word_mask: bool = False,
+                 streaming: bool = False, val_docs: int = 1000, shuffle_buffer: int = 10_000,
+                 num_workers: int = 0, num_proc: int | None = None, seed: int = 0):
         super().__init__()
         if seq_len < 8:
             raise ConfigError(f"data.seq_len={seq_len}: must be at least 8")
@@ -96,23 +270,46 @@ class TextDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction={val_fraction}: must be in (0, 1)")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size}: must be a positive integer")
+        if tokenizer_type not in TOKENIZER_TYPES:
+            raise ConfigError(f"data.tokenizer_type={tokenizer_type!r}: valid are {', '.join(TOKENIZER_TYPES)}")
+        if packing not in PACKING:
+            raise ConfigError(f"data.packing={packing!r}: valid are {', '.join(PACKING)}")
+        if streaming and not self.supports_streaming:
+            raise ConfigError(f"data.streaming=true: {type(self).__name__} has no streaming path (set false)")
+        if streaming and num_workers > 1:
+            raise ConfigError(f"data.num_workers={num_workers}: streaming reads one ordered stream (so a "
+                              "resume can skip what was consumed); valid are 0 and 1")
+        if tokenizer_docs is not None and tokenizer_docs < 1:
+            raise ConfigError(f"data.tokenizer_docs={tokenizer_docs}: must be a positive integer or null (all)")
         self.cache_dir, self.tokenizer_name, self.vocab_size_cfg = Path(cache_dir), tokenizer, vocab_size
-        self.seq_len, self.batch_size = seq_len, batch_size
+        self.tokenizer_type, self.tokenizer_docs = tokenizer_type, tokenizer_docs
+        self.seq_len, self.packing, self.batch_size = seq_len, packing, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.val_fraction, self.mlm_probability = val_fraction, mlm_probability
+        self.val_fraction, self.mlm_probability, self.whole_word_mask = val_fraction, mlm_probability, whole_word_mask
+        self.streaming, self.val_docs, self.shuffle_buffer = streaming, val_docs, shuffle_buffer
         self.num_workers, self.num_proc, self.seed = num_workers, num_proc, seed
         self.tokenizer = None
         self.splits: DatasetDict | None = None
+        self.stats: dict = {}
+        self._saved_beside_run = False
 
     # -- subclasses --------------------------------------------------------------------------
-    def load_documents(self) -> DatasetDict:
+    def load_documents(self, streaming: bool = False) -> DatasetDict:
         raise NotImplementedError
 
     def fingerprint(self) -> dict:
         """What determines the cached data; a change makes a new cache entry."""
-        return {"source": type(self).__name__, "tokenizer": self.tokenizer_name,
-                "vocab_size": self.vocab_size_cfg, "seq_len": self.seq_len,
-                "val_fraction": self.val_fraction, "seed": self.seed}
+        fp = {"source": type(self).__name__, "tokenizer": self.tokenizer_name,
+              "vocab_size": self.vocab_size_cfg, "seq_len": self.seq_len,
+              "val_fraction": self.val_fraction, "seed": self.seed}
+        # options added later enter only when not at their default, so existing caches stay valid
+        for k, default in (("tokenizer_type", "wordpiece"), ("tokenizer_docs", None), ("packing", "pack"),
+                           ("whole_word_mask", False)):
+            if getattr(self, k) != default:
+                fp[k] = getattr(self, k)
+        if self.streaming:
+            fp["streaming"], fp["val_docs"] = True, self.val_docs
+        return fp
 
     # -- pipeline ----------------------------------------------------------------------------
     @property
@@ -120,40 +317,77 @@ class TextDataModule(L.LightningDataModule):
         key = hashlib.sha1(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:10]
         return self.cache_dir / key
 
-    def _tokenizer(self, docs: DatasetDict | None):
+    def _tokenizer(self, docs=None):
         path = self.data_dir / "tokenizer"
         if self.tokenizer_name:
             return AutoTokenizer.from_pretrained(self.tokenizer_name)
         if (path / "tokenizer.json").exists():
             return PreTrainedTokenizerFast.from_pretrained(str(path))
-        log.info(f"training a WordPiece tokenizer (vocab {self.vocab_size_cfg}) -> {path}")
-        texts = (t for t in docs["train"]["text"])
-        return train_wordpiece(texts, self.vocab_size_cfg, path)
+        limit = self.tokenizer_docs or (100_000 if self.streaming else None)
+        log.info(f"training a {self.tokenizer_type} tokenizer (vocab {self.vocab_size_cfg}, "
+                 f"{limit or 'all'} documents) -> {path}")
+        train = docs["train"]
+        if self.streaming:
+            texts = (row["text"] for row in train.take(limit))
+        else:
+            texts = (t for t in (train if limit is None else train.select(range(min(limit, len(train)))))["text"])
+        return train_tokenizer(texts, self.vocab_size_cfg, path, self.tokenizer_type)
+
+    def _split(self, docs):
+        docs = {k: docs[k] for k in ("train", "validation") if k in docs}  # a 'test' split stays unseen
+        if "validation" in docs:
+            return docs
+        if self.streaming:  # size unknown: the first val_docs documents are held out
+            return {"train": docs["train"].skip(self.val_docs), "validation": docs["train"].take(self.val_docs)}
+        split = docs["train"].train_test_split(test_size=self.val_fraction, seed=self.seed)
+        return {"train": split["train"], "validation": split["test"]}
 
     def prepare_data(self) -> None:
+        if self.streaming:  # only the tokenizer is prepared; blocks are made on the fly
+            if not self.tokenizer_name and not (self.data_dir / "tokenizer" / "tokenizer.json").exists():
+                self._tokenizer(self._split(self.load_documents(streaming=True)))
+            return
         if (self.data_dir / "blocks" / "dataset_dict.json").exists():
             return
-        docs = self.load_documents()
-        if "validation" not in docs:
-            split = docs["train"].train_test_split(test_size=self.val_fraction, seed=self.seed)
-            docs = DatasetDict(train=split["train"], validation=split["test"])
+        docs = self._split(self.load_documents())
         tok = self._tokenizer(docs)
-        blocks = DatasetDict({k: pack(v, tok, self.seq_len, self.num_proc) for k, v in docs.items()})
-        stats = {k: {"documents": len(docs[k]), "blocks": len(blocks[k]),
-                     "tokens": len(blocks[k]) * self.seq_len} for k in blocks}
-        blocks.save_to_disk(str(self.data_dir / "blocks"))
+        blocks, stats = {}, {}
+        for k, v in docs.items():
+            blocks[k], stats[k] = pack(v, tok, self.seq_len, self.num_proc, self.packing, self.whole_word_mask)
+        DatasetDict(blocks).save_to_disk(str(self.data_dir / "blocks"))
         (self.data_dir / "stats.json").write_text(json.dumps(stats, indent=1))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits is not None:
+        if self.tokenizer is None:
+            self.tokenizer = self._tokenizer()
+            if self.streaming:
+                self.splits = self._split(self.load_documents(streaming=True))
+                pad = "0.0%" if self.packing == "pack" else "unknown (measured per batch)"
+                log.info(f"data (streaming): documents, tokens and blocks unknown until read; blocks of "
+                         f"{self.seq_len}, padding {pad}")
+            else:
+                self.splits = load_from_disk(str(self.data_dir / "blocks"))
+                self.stats = json.loads((self.data_dir / "stats.json").read_text())
+                for k, s in self.stats.items():
+                    log.info(self.describe(k, s))
+        self._save_tokenizer_beside_run()
+
+    def describe(self, split: str, s: dict) -> str:
+        msg = (f"data {split}: {s['documents']} documents ({s.get('empty_documents', 0)} empty, skipped), "
+               f"{s['tokens']} tokens, {s['blocks']} blocks of {self.seq_len} ({self.packing}), "
+               f"padding {100 * s.get('padding', 0.0):.1f}%")
+        if s.get("truncated_tokens"):
+            msg += f", {s['truncated_tokens']} tokens cut by truncation"
+        return msg
+
+    def _save_tokenizer_beside_run(self) -> None:
+        """The run directory gets its own copy of the tokenizer (the cache copy stays for reuse)."""
+        t = self.trainer
+        if self._saved_beside_run or t is None or not getattr(t, "default_root_dir", None):
             return
-        self.tokenizer = self._tokenizer(None)
-        self.splits = load_from_disk(str(self.data_dir / "blocks"))
-        stats = json.loads((self.data_dir / "stats.json").read_text())
-        for k, s in stats.items():
-            log.info(f"data {k}: {s['documents']} documents, {s['tokens']} tokens, {s['blocks']} blocks "
-                     f"of {self.seq_len}, padding 0.0%")
-        self.stats = stats
+        if t.global_rank == 0:
+            self.tokenizer.save_pretrained(str(Path(t.default_root_dir) / "tokenizer"))
+        self._saved_beside_run = True
 
     @property
     def vocab_size(self) -> int:
@@ -161,24 +395,46 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
+        return special_ids(self.tokenizer)[2]
 
     def task_kwargs(self) -> dict:
         """What the task needs to know about the data to build its model."""
         return {"vocab_size": self.vocab_size, "pad_id": self.pad_id}
 
+    def objective(self) -> str:
+        """The task says what batches it needs (CausalLM sets `objective = "clm"`); default masked LM."""
+        task = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(task, "objective", "mlm")
+
     def collate(self):
-        return MLMCollator(self.tokenizer, self.mlm_probability, self.seed)
+        if self.objective() == "clm":
+            return CLMCollator(self.pad_id, self.seq_len)
+        return MLMCollator(self.tokenizer, self.mlm_probability, self.seed, self.seq_len, self.whole_word_mask)
 
     def _rank(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def _stream(self, split: str, **kw) -> DataLoader:
+        from datasets.distributed import split_dataset_by_node
+
+        rank, world = self._rank()
+        docs = self.splits[split]
+        if split == "train":
+            docs = docs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        if world > 1:
+            docs = split_dataset_by_node(docs, rank=rank, world_size=world)
+        blocks = Blocks(self.tokenizer, self.seq_len, self.packing, self.whole_word_mask)
+        ds = StreamBlocks(docs, blocks, self.collate(), **kw)
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
         accum = t.accumulate_grad_batches if t is not None else 1
         max_steps = t.max_steps if t is not None and t.max_steps > 0 else 1000
         start = t.global_step * accum if t is not None else 0  # restored global step on resume
+        if self.streaming:
+            return self._stream("train", batch_size=self.batch_size, start=start, total=max_steps * accum)
         rank, world = self._rank()
         sampler = StepBatchSampler(len(self.splits["train"]), self.batch_size, max_steps * accum,
                                    seed=self.seed, start=start, rank=rank, world_size=world)
@@ -186,6 +442,8 @@ class TextDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self._stream("validation", batch_size=self.eval_batch_size, id_offset=EvalBatchSampler.OFFSET)
         rank, world = self._rank()
         sampler = EvalBatchSampler(len(self.splits["validation"]), self.eval_batch_size, rank, world)
         return DataLoader(Indexed(self.splits["validation"]), batch_sampler=sampler,

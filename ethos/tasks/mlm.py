@@ -17,6 +17,7 @@ class MaskedLM(Task):
             self.model.trunk.compile()
         # token-weighted means: the epoch value is the per-masked-token loss over the whole split
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
+        self.val_history: list[tuple[int, float]] = []  # (step, val/loss) for the end-of-run summary
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         loss, correct = self.model.mlm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -35,6 +36,8 @@ class MaskedLM(Task):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
+        if not self.trainer.sanity_checking:
+            self.val_history.append((self.global_step, float(loss)))
         self.log_dict({"val/loss": loss, "val/acc": self.val_acc.compute(),
                        "val/ppl": torch.exp(loss.clamp(max=30))}, prog_bar=True)
         self.val_loss.reset()

@@ -11,6 +11,9 @@ from ethos.errors import ConfigError
 
 TASKS = {
     ("text", "mlm"): ("ethos.tasks.mlm.MaskedLM", "ethos.models.encoder.Encoder", {"vocab_size": 8}),
+    ("image", "cls"): ("ethos.tasks.classify.ImageClassifier", "ethos.models.vit.ViT",
+                       {"num_classes": 10, "img_size": 32, "patch_size": 4}),
+    ("text", "clm"): ("ethos.tasks.clm.CausalLM", "ethos.models.decoder.Decoder", {"vocab_size": 8}),
 }
 DEFAULT_OBJECTIVE = {"text": "mlm", "image": "cls"}
 
