@@ -7,6 +7,7 @@ any large module is imported.
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -142,6 +143,8 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    # Lightning 2.6 vs torch 2.14 internals; says nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     register_resolvers()
     _main()
 

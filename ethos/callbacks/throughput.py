@@ -20,9 +20,9 @@ class Throughput(L.Callback):
             self._t.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
-        self._samples.append(ids.shape[0])
-        self._tokens.append(ids.numel())
+        samples, tokens = batch_size_and_tokens(batch, pl_module)
+        self._samples.append(samples)
+        self._tokens.append(tokens)
         self._sync(pl_module)
         self._t.append(time.perf_counter())
         if len(self._t) > self.window + 1:
@@ -49,3 +49,14 @@ class Throughput(L.Callback):
         if pl_module.device.type != "cuda":
             return None  # CPU peaks are not known reliably
         return get_available_flops(pl_module.device, trainer.precision)
+
+
+def batch_size_and_tokens(batch, pl_module) -> tuple[int, int]:
+    """Text batches count token positions; image batches count patches (the ViT's tokens)."""
+    if isinstance(batch, dict) and "input_ids" in batch:
+        ids = batch["input_ids"]
+        return ids.shape[0], ids.numel()
+    images = batch["image"] if isinstance(batch, dict) else batch[0]
+    patch_embed = getattr(getattr(pl_module, "model", None), "patch_embed", None)
+    per_image = getattr(patch_embed, "num_patches", 1) or 1
+    return images.shape[0], images.shape[0] * per_image

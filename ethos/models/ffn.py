@@ -1,6 +1,11 @@
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ethos.errors import ConfigError
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+               "silu": F.silu}
+
 
 class SwiGLU(nn.Module):
     """Gated FFN: W_2 (silu(x W_1) * x W_3). `pad_mask` is accepted for a common FFN signature."""
@@ -13,3 +18,18 @@ class SwiGLU(nn.Module):
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+
+class MLP(nn.Module):
+    """Classic two-matrix FFN, W_2 act(x W_1): the block of BERT, GPT-2 and timm's ViT."""
+
+    def __init__(self, d_model: int, d_ff: int = 1024, activation: str = "gelu", bias: bool = True):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"model.ffn.activation={activation!r}: valid are {', '.join(ACTIVATIONS)}")
+        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+        return self.w2(self.act(self.w1(x)))

@@ -1,0 +1,75 @@
+"""Image classification with the ViT: cross-entropy (label smoothing, mixup soft targets), top-1/top-5."""
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+
+from ethos.models.config import ModelConfig
+from ethos.models.vit import ViT
+from ethos.tasks.base import OptimConfig, Task
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution per row (mixup / cutmix targets from timm's Mixup)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+class ImageClassifier(Task):
+    def __init__(self, model: ModelConfig, optim: OptimConfig, num_classes: int, img_size: int = 224,
+                 patch_size: int = 16, in_chans: int = 3, pool: str = "cls", label_smoothing: float = 0.0):
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["model", "optim"])
+        self.model = ViT(model, num_classes, img_size, patch_size, in_chans, pool)
+        if model.compile:
+            self.model.trunk.compile()
+        self.label_smoothing = label_smoothing
+        self.topk = min(5, num_classes)
+        # sample-weighted means: the epoch value is the per-image loss/accuracy over the whole split
+        self.val_loss, self.val_acc, self.val_acc5 = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_skipped = SumMetric()
+        self.train_skipped = 0  # unreadable images replaced so far in this process (also logged)
+
+    def param_groups(self) -> list[dict]:
+        # timm's rule: no decay on biases, norm gains, positions and the cls token; the patch conv
+        # and every matrix decay (the base class would treat `patch_embed` as an embedding table)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or name in ("pos_embed", "cls_token")
+            (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": self.optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["image"])
+        if "target" in batch:  # mixup / cutmix: smoothing is already folded into the soft target
+            loss = soft_cross_entropy(logits, batch["target"])
+        else:
+            loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        acc = (logits.argmax(-1) == batch["label"]).float().mean()  # vs the dominant (unmixed) label
+        self.train_skipped += int(batch["skipped"])
+        n = batch["label"].shape[0]
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=n)
+        self.log("train/skipped_images", float(self.train_skipped), batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_skipped.update(batch["skipped"])
+        n = batch["label"].shape[0]
+        if n == 0:  # every image of the batch was unreadable
+            return
+        logits = self.model(batch["image"]).float()
+        loss = F.cross_entropy(logits, batch["label"])  # no smoothing: comparable across settings
+        top = logits.topk(self.topk, dim=-1).indices
+        hit = top == batch["label"][:, None]
+        self.val_loss.update(loss, weight=n)
+        self.val_acc.update(hit[:, 0].float().mean(), weight=n)
+        self.val_acc5.update(hit.any(-1).float().mean(), weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute(),
+                       "val/acc5": self.val_acc5.compute(), "val/skipped_images": self.val_skipped.compute()},
+                      prog_bar=True)
+        for m in (self.val_loss, self.val_acc, self.val_acc5, self.val_skipped):
+            m.reset()
