@@ -96,6 +96,8 @@ def train(cfg: DictConfig) -> float | None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if ckpt:
             log.info(f"resuming from {ckpt}")
+        elif cfg.validate_first:
+            trainer.validate(task, datamodule=datamodule, verbose=False)  # the untrained baseline
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
         if getattr(task, "interrupted", False):
             log.warning(f"interrupted at step {trainer.global_step}: re-run the same command to resume")
@@ -145,6 +147,9 @@ def _main(cfg: DictConfig) -> float | None:
 def main() -> None:
     # Lightning 2.6 vs torch 2.14 internals; says nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # our train sampler restarts from the restored global step (ethos/data/sampling.py), which
+    # Lightning cannot see: its "dataloader is not resumable" warning does not apply
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     register_resolvers()
     _main()
 

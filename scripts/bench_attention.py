@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
-    p.add_argument("--out", default="bench_attention", help="writes OUT.csv and OUT.png")
+    p.add_argument("--out", default="bench_results/attention", help="writes OUT.csv and OUT.png")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

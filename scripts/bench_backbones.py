@@ -8,6 +8,9 @@ Pairs (same sizes, both built locally, nothing downloaded):
            d 256, 8 heads, FFN 1024, seq 128, batch 32, vocab 30522, 15% masked. HF projects every
            position through the 30522-way head; ours only the masked ones.
   vit:     ethos ViT vs timm VisionTransformer: img 32, patch 4, d 256, 6 layers, 8 heads, batch 64.
+By default our side is built as the references' architecture (GELU MLP FFN, LayerNorm: --ffn mlp
+--norm layernorm) so the ratio measures implementation, not design; --ffn swiglu --norm rmsnorm times
+our default blocks instead (on CPU, RMSNorm's decomposed backward costs ~8x LayerNorm's fused one).
 Each pair is warmed up, then timed round-robin (one step of each per repeat, so load drift on a
 shared machine hits both alike); medians are reported. The data pipeline (the tiny text loader with
 MLM collation; the shapes loader with timm transforms) is timed per batch and reported as a % of our
@@ -61,7 +64,7 @@ def ffn(args, d_ff: int):
 def encoder_pair(args):
     V, T, B, d = 30522, 128, args.text_batch, 256
     cfg = ModelConfig(attn=partial(MHA), ffn=ffn(args, 1024), d_model=d, n_layers=6, n_heads=8,
-                      rope_dims=32, max_seq_len=T)
+                      rope_dims=32, max_seq_len=T, norm=args.norm)
     ours = Encoder(cfg, V).to(args.device)
     from transformers import BertConfig, BertForMaskedLM
 
@@ -84,7 +87,7 @@ def vit_pair(args):
     d, B = 256, args.img_batch
     # d_ff 1024 = timm's hidden width at mlp_ratio 4
     cfg = ModelConfig(attn=partial(MHA), ffn=ffn(args, args.vit_dff), d_model=d, n_layers=6,
-                      n_heads=8, rope_dims=0)
+                      n_heads=8, rope_dims=0, norm=args.norm)
     ours = ViT(cfg, num_classes=10, img_size=32, patch_size=4).to(args.device)
     ref = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=d, depth=6, num_heads=8,
                             mlp_ratio=4.0).to(args.device)
@@ -150,6 +153,8 @@ def main() -> None:
     ap.add_argument("--vit-dff", type=int, default=1024, help="our ViT's FFN width")
     ap.add_argument("--ffn", choices=("mlp", "swiglu"), default="mlp",
                     help="our FFN: mlp = the references' GELU MLP (same architecture), swiglu = our default")
+    ap.add_argument("--norm", choices=("layernorm", "rmsnorm"), default="layernorm",
+                    help="our norm: layernorm = the references' (same architecture), rmsnorm = our default")
     ap.add_argument("--data-batches", type=int, default=10)
     ap.add_argument("--cache", default=None, help="data cache dir (default: a temp dir)")
     ap.add_argument("--out", default="bench_results/backbones")

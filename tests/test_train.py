@@ -33,7 +33,8 @@ def test_short_run_loss_falls(cache_dir, tmp_path):
     m = metrics(tmp_path)
     val = [v for _, v in m["val/loss"]]
     train_loss = [v for _, v in m["train/loss"]]
-    assert len(val) == 3 and val[-1] < val[0] - 0.3, val
+    assert len(val) == 4 and val[-1] < val[1] - 0.3 < val[0], val  # val[0]: untrained, step 0
+    assert m["val/loss"][0][0] == 0
     assert train_loss[-1] < train_loss[0] - 1.0, train_loss
     assert final == pytest.approx(val[-1])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

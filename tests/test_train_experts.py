@@ -40,7 +40,7 @@ def test_ethos_model_trains(cache_dir, tmp_path):
     import csv
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
-    assert len(val) == 2 and val[-1] < val[0], val
+    assert len(val) == 3 and val[-1] < val[1] < val[0], val  # val[0]: untrained, step 0
     usage = [float(r[k]) for r in rows for k in r if k.endswith("expert_usage") and r[k]]
     assert usage and all(0 < u <= 1 for u in usage)
 

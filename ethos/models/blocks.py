@@ -2,9 +2,18 @@
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from ethos.models.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    # RMSNorm is the default; LayerNorm matches timm's ViT and BERT exactly (and on CPU its fused
+    # backward is ~8x faster than RMSNorm's decomposed one in torch 2.14)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
 class Block(nn.Module):
@@ -13,9 +22,9 @@ class Block(nn.Module):
         dense = layer_idx < cfg.num_dense_layers
         attn = (cfg.dense_attn or cfg.attn) if dense else cfg.attn
         ffn = (cfg.dense_ffn or cfg.ffn) if dense else cfg.ffn
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = make_norm(cfg)
         self.attn = attn(**cfg.common())
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg)
         self.ffn = ffn(d_model=cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -30,7 +39,7 @@ class Trunk(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg)
         for block in self.blocks:
             mark_residual_outputs(block)
             for m in (block.attn, block.ffn):
@@ -75,3 +84,29 @@ def mark_residual_outputs(module: nn.Module) -> None:
         if isinstance(m, nn.Linear) and name.split(".")[-1] in ("out", "w2", "o_b", "wo_b"):
             m.residual_out = True
 
+
+
+class TextBackbone(nn.Module):
+    """Token embedding (+ optional learned positions) and the trunk; the encoder and the decoder
+    differ only in `causal` and their heads."""
+
+    causal = False
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_pos else None
+        self.trunk = Trunk(cfg)  # ends in the final norm
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, d) after the final norm."""
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device))
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # packed blocks have no padding: keep SDPA's fastest path
+        return self.trunk(x, attn_mask=attention_mask, is_causal=self.causal)

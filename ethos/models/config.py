@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ethos.errors import ConfigError
 
-POS_EMB = ("rope", "learned", "none")
+NORMS = ("rmsnorm", "layernorm")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ModelConfig:
     num_dense_layers: int = 0  # first layers built with dense_attn / dense_ffn
     dense_attn: Callable | None = None  # None = same as attn
     dense_ffn: Callable | None = None  # None = same as ffn
+    norm: str = "rmsnorm"  # rmsnorm | layernorm (timm ViT / BERT)
     norm_eps: float = 1e-6
     dropout: float = 0.0
     compile: bool = False  # torch.compile the backbone blocks
@@ -54,6 +55,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_dense_layers={self.num_dense_layers}: must be between 0 and "
                 f"model.n_layers={self.n_layers}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"model.norm={self.norm!r}: valid are {', '.join(NORMS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}: must be in [0, 1)")
 

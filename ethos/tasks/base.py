@@ -50,12 +50,23 @@ class Task(L.LightningModule):
     def __init__(self, optim: OptimConfig):
         super().__init__()
         self.optim = optim
+        self.val_history: list[tuple[int, float]] = []  # (step, val/loss); kept in checkpoints
+
+    def record_val(self, loss) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_history.append((self.global_step, float(loss)))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["val_history"] = list(self.val_history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.val_history = [tuple(v) for v in checkpoint.get("val_history", [])]
 
     def param_groups(self) -> list[dict]:
         # no weight decay on norms, biases and embeddings: decaying them hurts and buys nothing
         decay, no_decay = [], []
         for module_name, module in self.named_modules():
-            for name, p in module.named_parameters(recurse=False):
+            for p in module.parameters(recurse=False):
                 if not p.requires_grad:
                     continue
                 is_emb = isinstance(module, nn.Embedding) or "embed" in module_name

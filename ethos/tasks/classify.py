@@ -68,6 +68,7 @@ class ImageClassifier(Task):
         self.val_acc5.update(hit.any(-1).float().mean(), weight=n)
 
     def on_validation_epoch_end(self) -> None:
+        self.record_val(self.val_loss.compute())
         self.log_dict({"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute(),
                        "val/acc5": self.val_acc5.compute(), "val/skipped_images": self.val_skipped.compute()},
                       prog_bar=True)

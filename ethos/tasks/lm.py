@@ -1,0 +1,37 @@
+"""What masked and causal language modelling share: per-token metrics and their logging."""
+
+import torch
+from torchmetrics import MeanMetric
+
+from ethos.tasks.base import OptimConfig, Task
+
+
+class LanguageModel(Task):
+    """Subclasses build `self.model` and implement `_step(batch) -> (loss, n_correct, n_targets)`."""
+
+    def __init__(self, optim: OptimConfig):
+        super().__init__(optim)
+        # token-weighted means: the epoch value is the per-token loss over the whole split
+        self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
+
+    def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, correct, n = self._step(batch)
+        self.log_dict({"train/loss": loss, "train/acc": correct / max(n, 1),
+                       "train/ppl": torch.exp(loss.detach().clamp(max=30))}, prog_bar=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, correct, n = self._step(batch)
+        self.val_loss.update(loss, weight=n)
+        self.val_acc.update(correct / max(n, 1), weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.record_val(loss)
+        self.log_dict({"val/loss": loss, "val/acc": self.val_acc.compute(),
+                       "val/ppl": torch.exp(loss.clamp(max=30))}, prog_bar=True)
+        self.val_loss.reset()
+        self.val_acc.reset()
