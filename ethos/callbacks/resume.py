@@ -30,9 +30,10 @@ class GracefulStop(L.Callback):
             old(signum, frame)
 
     def on_train_start(self, trainer, pl_module):
-        for logger in trainer.loggers:  # a resumed run redoes the steps after its checkpoint
-            if hasattr(logger, "drop_after"):
-                logger.drop_after(trainer.global_step)
+        if trainer.ckpt_path:  # a resumed run redoes the steps logged after its checkpoint
+            for logger in trainer.loggers:
+                if hasattr(logger, "drop_after"):
+                    logger.drop_after(trainer.global_step)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.getsignal(sig)
