@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ethos.errors import ConfigError
 from ethos.kernels.latent_experts import check_triton, expert_mix
-from ethos.models.moe.router import ProductKeyRouter, routing_stats, validate_router_args
+from ethos.models.moe.router import ProductKeyRouter, validate_router_args
 
 IMPLS = ("auto", "naive", "torch", "triton")
 HEAD_REDUCE = ("mean", "sum")
@@ -62,12 +62,9 @@ class LatentExperts(nn.Module):
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         B, T, d = x.shape
-        xf = x.reshape(B * T, d)
-        mask = None if pad_mask is None else pad_mask.reshape(B * T)
-        idx, scores = self.router(xf, mask)
-        if self.training:
-            self.stats = routing_stats(idx, scores, self.num_experts, mask)
-        s = scores if mask is None else scores * mask[:, None, None].to(scores.dtype)  # padding -> 0
+        xf, idx, s, stats = self.router.route(x, pad_mask, with_stats=self.training)
+        if stats is not None:
+            self.stats = stats
         if self.head_reduce == "mean":
             s = s / self.n_heads
         impl = self.resolved_impl(x.device)

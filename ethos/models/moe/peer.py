@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ethos.errors import ConfigError
 from ethos.kernels.latent_experts import ACTIVATIONS, expert_mix
-from ethos.models.moe.router import ProductKeyRouter, routing_stats
+from ethos.models.moe.router import ProductKeyRouter
 
 
 class PEER(nn.Module):
@@ -37,13 +37,9 @@ class PEER(nn.Module):
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         B, T, d = x.shape
-        xf = x.reshape(B * T, d)
-        mask = None if pad_mask is None else pad_mask.reshape(B * T)
-        idx, s = self.router(xf, mask)
-        if self.training:
-            self.stats = routing_stats(idx, s, self.num_experts, mask)
-        if mask is not None:
-            s = s * mask[:, None, None].to(s.dtype)                       # padding -> zero output
+        xf, idx, s, stats = self.router.route(x, pad_mask, with_stats=self.training)
+        if stats is not None:
+            self.stats = stats
         if self.impl == "torch":
             y = expert_mix(xf, self.down.weight, self.up.weight, idx.reshape(B * T, -1),
                            s.reshape(B * T, -1).to(x.dtype), self.activation, "torch")

@@ -96,6 +96,17 @@ class ProductKeyRouter(nn.Module):
         i2 = i_top[:, :, 1].gather(-1, flat % kp)
         return i1 * n + i2, F.softmax(best, dim=-1)
 
+    def route(self, x: Tensor, pad_mask: Tensor | None = None, with_stats: bool = False):
+        """(B, T, d) tokens -> flat tokens (B*T, d), indices, scores with padding rows zeroed (so
+        padding gets zero output and gradient), and routing stats over real tokens (or None)."""
+        xf = x.reshape(-1, x.shape[-1])
+        mask = None if pad_mask is None else pad_mask.reshape(-1)
+        idx, s = self(xf, mask)
+        stats = routing_stats(idx, s, self.num_experts, mask) if with_stats else None
+        if mask is not None:
+            s = s * mask[:, None, None].to(s.dtype)
+        return xf, idx, s, stats
+
 
 @torch.no_grad()
 def routing_stats(indices: Tensor, scores: Tensor, num_experts: int, mask: Tensor | None = None) -> dict:
