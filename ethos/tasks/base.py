@@ -86,10 +86,15 @@ class Task(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def param_counts(self) -> dict[str, int]:
-        return count_params(self.model)
+        counts = count_params(self.model)
+        for i, block in enumerate(self.model.trunk.blocks):  # per layer: dense and expert layers differ
+            layer = count_params(block)
+            counts[f"params/layer{i}/total"] = layer["params/total"]
+            counts[f"params/layer{i}/attention"] = layer["params/attention"]
+        return counts
 
     def on_fit_start(self) -> None:
         counts = self.param_counts()
         for logger in self.loggers:
             logger.log_hyperparams(counts)
-        self.print("  ".join(f"{k.split('/')[-1]}: {v / 1e6:.2f}M" for k, v in counts.items()))
+        self.print("  ".join(f"{k.split('/')[-1]}: {v / 1e6:.2f}M" for k, v in counts.items() if "layer" not in k))

@@ -1,0 +1,29 @@
+"""Logged parameter counts: per layer and per model, against closed forms."""
+
+from conftest import compose
+from ethos.cli import build_model_config
+from ethos.config import instantiate
+from ethos.models.attention import MLA
+from ethos.tasks.mlm import MaskedLM
+
+
+def test_per_layer_counts_add_up_and_match_closed_forms(tmp_path):
+    cfg = compose(["model=ethos", "model.ffn.num_experts=1024", "model.ffn.d_query=32"], output_dir=tmp_path)
+    m = build_model_config(cfg)
+    task = MaskedLM(m, instantiate(cfg.optim), vocab_size=1000)
+    counts = task.param_counts()
+    d, V, L = m.d_model, 1000, m.n_layers
+    layers = sum(counts[f"params/layer{i}/total"] for i in range(L))
+    assert counts["params/total"] == layers + V * d + V + d  # + tied embedding, MLM bias, final norm
+    assert counts["params/non_embedding"] == counts["params/total"] - V * d
+    kw = {k: v for k, v in cfg.model.attn.items() if not k.startswith("_") and k != "norm_eps"}
+    for i in range(L):
+        attn = counts[f"params/layer{i}/attention"]
+        assert attn == MLA.param_count(d, m.n_heads, m.head_dim, m.rope_dims, **kw), i
+    dense, sparse = counts["params/layer0/total"], counts["params/layer1/total"]
+    f = cfg.model.ffn
+    n_sub = int(f.num_experts ** 0.5)
+    expert_ffn = (f.num_experts * f.d_latent + f.d_hidden * f.d_latent + 2 * f.d_hidden * d  # Z, W1, W_u, W_v
+                  + d * f.n_heads * f.d_query + 2 * f.n_heads * f.d_query  # query proj, BatchNorm
+                  + f.n_heads * 2 * n_sub * (f.d_query // 2))  # sub-keys
+    assert sparse - dense == expert_ffn - 3 * d * cfg.model.dense_ffn.d_ff
