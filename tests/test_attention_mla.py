@@ -219,7 +219,8 @@ def test_full_rank_mla_represents_mha(q_latent):
     (MLA, {"q_latent": 64, "kv_latent": 32}),
     (MLA, {"q_latent": None, "kv_latent": 32, "v_head_dim": 48, "rope_style": "decoupled", "bias": True}),
     (MLAO, {"q_latent": 64, "kv_latent": 32, "o_latent": 64}),
-    (MLAO, {"q_latent": None, "kv_latent": 32, "o_latent": 96, "v_head_dim": 16, "rope_style": "decoupled", "bias": True}),
+    (MLAO, {"q_latent": None, "kv_latent": 32, "o_latent": 96, "v_head_dim": 16, "rope_style": "decoupled",
+            "bias": True}),
 ])
 def test_param_count_closed_form(cls, kw):
     with torch.device("meta"):

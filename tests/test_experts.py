@@ -232,7 +232,8 @@ def test_ethos_stores_at_least_6x_fewer_parameters_than_peer():
     ({"head_reduce": "max"}, "model.ffn.head_reduce=max"),
 ])
 def test_latent_validation(kwargs, key):
-    args = {"d_model": 8, "num_experts": 64, "n_heads": 2, "top_k": 4, "d_query": 8, "d_latent": 4, "d_hidden": 8} | kwargs
+    args = {"d_model": 8, "num_experts": 64, "n_heads": 2, "top_k": 4, "d_query": 8, "d_latent": 4,
+            "d_hidden": 8} | kwargs
     with pytest.raises(ConfigError) as e:
         LatentExperts(**args)
     assert str(e.value).startswith(key) and "\n" not in str(e.value)

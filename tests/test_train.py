@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose
+from conftest import ROOT, compose, run_cli
 from ethos.cli import train
 
 TINY = ["debug=tiny", "logger=csv"]
@@ -75,7 +75,8 @@ def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
     common = [sys.executable, str(ROOT / "train.py"), *TINY, "callbacks.checkpoint.every_n_train_steps=5",
               f"paths.log_dir={tmp_path}"]
     args = common + ["trainer.max_steps=100000"]
-    run_dir = tmp_path / "train" / "runs" / "callbacks.checkpoint.every_n_train_steps=5,debug=tiny,trainer.max_steps=100000"
+    name = "callbacks.checkpoint.every_n_train_steps=5,debug=tiny,trainer.max_steps=100000"
+    run_dir = tmp_path / "train" / "runs" / name
     log = open(tmp_path / "log.txt", "w")  # a file, not a pipe: a full pipe would block the run
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
@@ -100,3 +101,14 @@ def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming from" in res.stdout + res.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped + 3
+
+
+def test_multirun_goes_on_after_a_failed_job(cache_dir, tmp_path):
+    res = run_cli(["-m", *TINY, "trainer.max_steps=3", "model.n_heads=7,4", f"paths.log_dir={tmp_path}"],
+                  cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "model.n_heads=7: must divide" in res.stderr
+    runs = tmp_path / "train" / "multiruns"
+    good = runs / "debug=tiny,model.n_heads=4,trainer.max_steps=3"
+    assert torch.load(good / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert not (runs / "debug=tiny,model.n_heads=7,trainer.max_steps=3" / "checkpoints").exists()
