@@ -109,10 +109,10 @@ def train(cfg: DictConfig) -> float | None:
         metric = trainer.callback_metrics.get("val/loss")
         return float(metric) if metric is not None else None
     finally:
-        finish_wandb(trainer)
+        finish_wandb()
 
 
-def finish_wandb(trainer=None) -> None:
+def finish_wandb() -> None:
     """Close the W&B run whatever happened, so the next job of a multirun starts cleanly."""
     try:
         import wandb
