@@ -63,10 +63,6 @@ def train_tokenizer(texts, vocab_size: int, path: Path, kind: str = "wordpiece")
     return fast
 
 
-def train_wordpiece(texts, vocab_size: int, path: Path) -> PreTrainedTokenizerFast:
-    return train_tokenizer(texts, vocab_size, path, "wordpiece")
-
-
 def special_ids(tokenizer) -> tuple[int | None, int, int]:
     """(block start, document separator, pad): BERT's [CLS]/[SEP]/[PAD], else BOS/EOS (GPT-2 style)."""
     start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
