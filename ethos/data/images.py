@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ethos.data.sampling import EvalBatchSampler, StepBatchSampler
+from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position
 from ethos.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -297,25 +297,17 @@ class ImageDataModule(L.LightningDataModule):
         return Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
                      label_smoothing=self.label_smoothing, num_classes=self.num_classes)
 
-    def _rank(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        accum = t.accumulate_grad_batches if t is not None else 1
-        max_steps = t.max_steps if t is not None and t.max_steps > 0 else 1000
-        start = t.global_step * accum if t is not None else 0  # restored global step on resume
-        rank, world = self._rank()
-        sampler = StepBatchSampler(len(self.train_source), self.batch_size, max_steps * accum,
-                                   seed=self.seed, start=start, rank=rank, world_size=world)
+        pos = run_position(self.trainer)
+        sampler = StepBatchSampler(len(self.train_source), self.batch_size, pos["total"], seed=self.seed,
+                                   start=pos["start"], rank=pos["rank"], world_size=pos["world_size"])
         ds = ImageSet(self.train_source, self.transforms(True), self.seed, train=True)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(True, self.make_mixup(), self.seed),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        sampler = EvalBatchSampler(len(self.val_source), self.eval_batch_size, rank, world)
+        pos = run_position(self.trainer)
+        sampler = EvalBatchSampler(len(self.val_source), self.eval_batch_size, pos["rank"], pos["world_size"])
         ds = ImageSet(self.val_source, self.transforms(False), self.seed, train=False)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(False), num_workers=self.num_workers)
 

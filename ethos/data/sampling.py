@@ -67,3 +67,17 @@ class EvalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for b in range(len(self)):
             yield [(self.OFFSET + b, i) for i in self.idx[b * self.bs:(b + 1) * self.bs]]
+
+
+def run_position(trainer) -> dict:
+    """Where this process's train stream starts and ends, in micro-batches, and its rank.
+
+    The start is the restored global step (times gradient accumulation), so a resumed run continues
+    the same stream; without a trainer (scripts, tests) it is a fresh 1000-step run on one process.
+    """
+    if trainer is None:
+        return {"start": 0, "total": 1000, "rank": 0, "world_size": 1}
+    accum = trainer.accumulate_grad_batches
+    max_steps = trainer.max_steps if trainer.max_steps > 0 else 1000
+    return {"start": trainer.global_step * accum, "total": max_steps * accum,
+            "rank": trainer.global_rank, "world_size": trainer.world_size}

@@ -25,7 +25,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, load_from_disk
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler
+from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler, run_position
 from ethos.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -407,14 +407,11 @@ class TextDataModule(L.LightningDataModule):
             return CLMCollator(self.pad_id, self.seq_len)
         return MLMCollator(self.tokenizer, self.mlm_probability, self.seed, self.seq_len, self.whole_word_mask)
 
-    def _rank(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.global_rank, t.world_size) if t is not None else (0, 1)
-
     def _stream(self, split: str, **kw) -> DataLoader:
         from datasets.distributed import split_dataset_by_node
 
-        rank, world = self._rank()
+        pos = run_position(self.trainer)
+        rank, world = pos["rank"], pos["world_size"]
         docs = self.splits[split]
         if split == "train":
             docs = docs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
@@ -425,22 +422,19 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        accum = t.accumulate_grad_batches if t is not None else 1
-        max_steps = t.max_steps if t is not None and t.max_steps > 0 else 1000
-        start = t.global_step * accum if t is not None else 0  # restored global step on resume
+        pos = run_position(self.trainer)
         if self.streaming:
-            return self._stream("train", batch_size=self.batch_size, start=start, total=max_steps * accum)
-        rank, world = self._rank()
-        sampler = StepBatchSampler(len(self.splits["train"]), self.batch_size, max_steps * accum,
-                                   seed=self.seed, start=start, rank=rank, world_size=world)
+            return self._stream("train", batch_size=self.batch_size, start=pos["start"], total=pos["total"])
+        sampler = StepBatchSampler(len(self.splits["train"]), self.batch_size, pos["total"], seed=self.seed,
+                                   start=pos["start"], rank=pos["rank"], world_size=pos["world_size"])
         return DataLoader(Indexed(self.splits["train"]), batch_sampler=sampler, collate_fn=self.collate(),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         if self.streaming:
             return self._stream("validation", batch_size=self.eval_batch_size, id_offset=EvalBatchSampler.OFFSET)
-        rank, world = self._rank()
-        sampler = EvalBatchSampler(len(self.splits["validation"]), self.eval_batch_size, rank, world)
+        pos = run_position(self.trainer)
+        sampler = EvalBatchSampler(len(self.splits["validation"]), self.eval_batch_size, pos["rank"],
+                                   pos["world_size"])
         return DataLoader(Indexed(self.splits["validation"]), batch_sampler=sampler,
                           collate_fn=self.collate(), num_workers=self.num_workers)
