@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ethos.config import check_keys, register_resolvers
+from ethos.config import register_resolvers, validate
 from ethos.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -38,8 +38,6 @@ def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
         if not path.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
         return str(path)
-    if cfg.resume not in ("auto", "never"):
-        raise ConfigError(f"resume={cfg.resume!r}: valid are auto, never")
     last = out_dir / "checkpoints" / "last.ckpt"
     if cfg.resume == "auto" and last.is_file():
         return str(last)
@@ -53,28 +51,59 @@ def build_model_config(cfg: DictConfig):
     from ethos.config import instantiate
     from ethos.tasks.registry import backbone_for
 
-    check_keys(cfg.model, "model")
     model_cfg = instantiate(cfg.model, _convert_="object")
     with torch.device("meta"):
         backbone_for(cfg)(model_cfg)
     return model_cfg
 
 
+def check(cfg: DictConfig):
+    """Every check that needs no data: types and keys of every group, a dry build of the model on the meta
+    device, rules across groups. Returns (model config, optim config)."""
+    from ethos.config import instantiate
+
+    validate(cfg)  # types and keys from the signatures, cached (ethos/signatures.py): no Lightning import
+    model_cfg = build_model_config(cfg)
+    check_across_groups(cfg)
+    return model_cfg, instantiate(cfg.optim)
+
+
+def check_across_groups(cfg: DictConfig) -> None:
+    from ethos.tasks.registry import modality
+
+    if cfg.trainer.get("max_steps") is None:
+        raise ConfigError("trainer.max_steps=null: pretraining is step-based, set a positive number of steps")
+    if modality(cfg) == "text" and cfg.model.learned_pos and cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: longer than model.max_seq_len={cfg.model.max_seq_len}"
+                          " (the learned position table); raise model.max_seq_len or lower data.seq_len")
+
+
+def one_line_per_message() -> None:
+    """Lightning gives the `lightning` logger a console handler of its own and still propagates to the
+    root logger, where Hydra's handler prints every record a second time: keep Hydra's (it also writes
+    the run's log file). Its advertising tips go."""
+    import lightning  # noqa: F401  (adds the handler on import)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "ethos_tips", False) for f in tips.filters):
+        no_tips = lambda record: not record.getMessage().startswith("💡 Tip")
+        no_tips.ethos_tips = True
+        tips.addFilter(no_tips)
+
+
 def train(cfg: DictConfig) -> float | None:
     from ethos.config import instantiate
 
+    model_cfg, optim = check(cfg)
+    one_line_per_message()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_cfg = build_model_config(cfg)
-    check_keys(cfg.optim, "optim")
-    optim = instantiate(cfg.optim)
-    for group in ("data", "trainer", "logger", "callbacks"):
-        if cfg.get(group):
-            check_keys(cfg[group], group)
     ckpt = find_resume_ckpt(cfg, out_dir)
-    if not cfg.trainer.get("max_steps") or cfg.trainer.max_steps <= 0:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.get('max_steps')}: pretraining is step-based, "
-                          "set a positive number of steps")
 
     import lightning as L
 
@@ -150,6 +179,9 @@ def main() -> None:
     # our train sampler restarts from the restored global step (ethos/data/sampling.py), which
     # Lightning cannot see: its "dataloader is not resumable" warning does not apply
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    # a streaming train loader's length is the run's by construction (one reader, ethos/data/text.py), so
+    # Lightning's caveat about lengths of iterable datasets read by several workers does not apply
+    warnings.filterwarnings("ignore", message=r".*IterableDataset.* has .__len__. defined")
     register_resolvers()
     _main()
 

@@ -6,8 +6,10 @@
 For every (d_model, seq) point all variants are built in this process, warmed up, then timed
 round-robin (one step of each variant per repeat, so load drift on a shared machine hits all of them
 alike); the median step time is reported. MHA and MLA do not depend on d_o and are timed once per
-point. FLOPs per token count the matmuls of the forward pass (projections + scores + weighted sum,
-bidirectional); a training step costs about 3x. Writes <out>.csv and <out>.png.
+point. RoPE tables are built once per point and passed to every module, as the trunk does once per
+forward for all its layers. FLOPs per token are the closed forms (`MHA.flops`, ...; the matmuls of the
+forward pass: projections + scores + weighted sum over the full sequence); a training step costs about 3x.
+Writes <out>.csv and <out>.png.
 """
 
 import argparse
@@ -18,22 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ethos.models.attention import MHA, MLA, MLAO
-
-
-def flops_per_token(m: nn.Module, seq: int) -> int:
-    """Forward matmul FLOPs per token: 2 * in * out for every Linear, plus 2*T*H*(d_qk + d_v) for
-    q k^T and p v over a full (bidirectional) sequence."""
-    linear = sum(2 * mod.in_features * mod.out_features for mod in m.modules() if isinstance(mod, nn.Linear))
-    if isinstance(m, MHA):
-        d_qk = d_v = m.head_dim
-    else:
-        d_qk, d_v = m.d_qk, m.d_v
-    return linear + 2 * seq * m.n_heads * (d_qk + d_v)
+from ethos.models.rope import rope_tables
 
 
 def sync(device: str) -> None:
@@ -41,26 +32,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_fn(m: nn.Module, x: torch.Tensor):
+def step_fn(m, x: torch.Tensor, rope):
     def step():
-        m(x).float().sum().backward()  # backward reaches x and every weight, as in training
+        m(x, rope=rope).float().sum().backward()  # backward reaches x and every weight, as in training
     return step
 
 
 def build(d: int, heads: int, seq: int, q_lat: int, kv_lat: int, o_lats: list[int], args):
+    """{name: (module, forward FLOPs per token)}"""
     common = {"d_model": d, "n_heads": heads, "head_dim": d // heads, "rope_dims": (d // heads) // 2,
-                  "max_seq_len": seq}
-    mods = {"MHA": MHA(**common), "MLA": MLA(q_latent=q_lat, kv_latent=kv_lat, **common)}
+              "max_seq_len": seq}
+    specs = {"MHA": (MHA, {}), "MLA": (MLA, {"q_latent": q_lat, "kv_latent": kv_lat})}
     for o in o_lats:
-        mods[f"MLA-o/{o}"] = MLAO(q_latent=q_lat, kv_latent=kv_lat, o_latent=o, **common)
-    return {k: m.to(args.device, args.dtype) for k, m in mods.items()}
+        specs[f"MLA-o/{o}"] = (MLAO, {"q_latent": q_lat, "kv_latent": kv_lat, "o_latent": o})
+    return {k: (cls(**common, **kw).to(args.device, args.dtype), cls.flops(**common, **kw, seq_len=seq))
+            for k, (cls, kw) in specs.items()}
 
 
 def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
     batch = max(1, args.tokens // seq)
-    mods = build(d, heads, seq, q_lat, kv_lat, o_lats, args)
+    built = build(d, heads, seq, q_lat, kv_lat, o_lats, args)
+    mods, flops = {k: m for k, (m, _) in built.items()}, {k: f for k, (_, f) in built.items()}
     x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
-    steps = {k: step_fn(m, x) for k, m in mods.items()}
+    rope = rope_tables((d // heads) // 2, seq, dtype=args.dtype, device=args.device)  # shared, as in the trunk
+    steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -81,9 +76,9 @@ def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
         rows.append({"d_model": d, "heads": heads, "seq": seq, "batch": batch, "q_latent": q_lat, "kv_latent": kv_lat,
                          "o_latent": m.o_latent if isinstance(m, MLAO) else "", "variant": k.split("/")[0],
                          "ms": 1e3 * med[k], "ktok_s": batch * seq / med[k] / 1e3,
-                         "mflop_tok": flops_per_token(m, seq) / 1e6,
+                         "mflop_tok": flops[k] / 1e6,
                          "time_vs_mha": med[k] / med["MHA"], "time_vs_mla": med[k] / med["MLA"],
-                         "flops_vs_mla": flops_per_token(m, seq) / flops_per_token(mods["MLA"], seq)})
+                         "flops_vs_mla": flops[k] / flops["MLA"]})
     return rows
 
 

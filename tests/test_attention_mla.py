@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ethos.errors import ConfigError
 from ethos.models.attention import MHA, MLA, MLAO
+from ethos.models.rope import Rotary
 
 
 def rel(a, b):
@@ -69,7 +70,8 @@ def ours_to_hf(ours, hf):
 @pytest.mark.parametrize("q_lora_rank", [32, None])  # None: HF uses a direct q_proj, no norm (= q_latent null)
 @pytest.mark.parametrize("rope_interleave", [True, False])
 @pytest.mark.parametrize("direction", ["hf_to_ours", "ours_to_hf"])
-def test_mla_matches_hf_deepseek_v3(q_lora_rank, rope_interleave, direction):
+@pytest.mark.parametrize("tables", ["own", "shared"])  # built by the layer, or a trunk's Rotary (longer)
+def test_mla_matches_hf_deepseek_v3(q_lora_rank, rope_interleave, direction, tables):
     hf, rot, ours = hf_pair(q_lora_rank, rope_interleave)
     if direction == "hf_to_ours":
         randomize_norms(hf)
@@ -85,7 +87,8 @@ def test_mla_matches_hf_deepseek_v3(q_lora_rank, rope_interleave, direction):
     mask = torch.full((T, T), torch.finfo(torch.float32).min).triu(1)[None, None]
     cos, sin = rot(x, torch.arange(T)[None].expand(B, T))
     y_hf = hf(x_hf, position_embeddings=(cos, sin), attention_mask=mask)[0]
-    y = ours(x_ours, is_causal=True)
+    rope = Rotary(8, max_seq_len=64)(T, x.dtype) if tables == "shared" else None
+    y = ours(x_ours, is_causal=True, rope=rope)
     assert rel(y, y_hf) < 1e-5
     g = torch.randn_like(y)
     (y_hf * g).sum().backward()
@@ -126,7 +129,7 @@ def naive_mla(m, x, pad, causal, interleave):
         q = torch.cat((q[..., :dk], naive_rope(q[..., dk:], dr, interleave)), -1)
         k = torch.cat((k, naive_rope(k_r, dr, interleave)[:, :, None].expand(B, T, H, dr)), -1)
     else:
-        q, k = naive_rope(q, m.rope.dims, interleave), naive_rope(k, m.rope.dims, interleave)
+        q, k = naive_rope(q, m.rope_dims, interleave), naive_rope(k, m.rope_dims, interleave)
     s = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dk + dr)
     allowed = pad[:, None, None, :].expand(B, 1, T, T)
     if causal:
@@ -279,17 +282,65 @@ def test_dense_layers_stay_mha():
     assert torch.isfinite(trunk(x, is_causal=True)).all()
 
 
-@pytest.mark.parametrize("kw,key", [
-    ({"kv_latent": 0}, "model.attn.kv_latent=0"),
-    ({"q_latent": -3}, "model.attn.q_latent=-3"),
-    ({"v_head_dim": 0}, "model.attn.v_head_dim=0"),
-    ({"rope_style": "full"}, "model.attn.rope_style='full'"),
-    ({"rope_style": "decoupled", "rope_dims": 0}, "model.rope_dims=0"),
+@pytest.mark.parametrize("override,key", [
+    ("model.attn.kv_latent=0", "model.attn.kv_latent=0: must be an integer > 0"),
+    ("model.attn.q_latent=-3", "model.attn.q_latent=-3: must be an integer > 0 or null"),
+    ("model.attn.v_head_dim=0", "model.attn.v_head_dim=0"),
+    ("model.attn.rope_style=full", "model.attn.rope_style='full': must be one of 'partial', 'decoupled'"),
 ])
-def test_config_errors_name_the_key(kw, key):
-    args = {"d_model": 32, "n_heads": 4, "rope_dims": 4} | kw
-    with pytest.raises(ConfigError, match=key.replace("(", r"\(")) as e:
-        MLA(**args)
-    assert "\n" not in str(e.value)
+def test_config_errors_name_the_key(override, key, tmp_path):
+    from conftest import compose
+    from ethos.config import validate
+
+    for model in ("mla", "mla_o"):
+        with pytest.raises(ConfigError) as e:  # types and ranges: the signature, checked before any build
+            validate(compose([f"model={model}", override], output_dir=tmp_path))
+        assert str(e.value).startswith(key) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="model.attn.o_latent=0"):
-        MLAO(32, 4, o_latent=0)
+        validate(compose(["model=mla_o", "model.attn.o_latent=0"], output_dir=tmp_path))
+    with pytest.raises(ConfigError, match="model.rope_dims=0"):  # a rule across keys: the constructor's
+        MLA(d_model=32, n_heads=4, rope_dims=0, rope_style="decoupled")
+
+
+# ---------------------------------------------------------------- rope_dims bounds by RoPE style
+def _model_cfg(attn, rope_dims, **kw):
+    from functools import partial
+
+    from ethos.models.config import ModelConfig
+    from ethos.models.ffn import SwiGLU
+
+    return ModelConfig(attn=attn, ffn=partial(SwiGLU, d_ff=32), d_model=32, n_layers=2, n_heads=4,
+                       rope_dims=rope_dims, **kw)  # head_dim 8
+
+
+def test_decoupled_rope_dims_may_exceed_head_dim():
+    """Decoupled RoPE adds d_r channels next to d_nope = head_dim: d_r > d_nope is a valid config (and
+    runs); partial RoPE rotates channels of a head, so it stays bounded by head_dim."""
+    from functools import partial
+
+    from ethos.models.blocks import Trunk
+
+    cfg = _model_cfg(partial(MLA, q_latent=16, kv_latent=8, rope_style="decoupled"), rope_dims=12)
+    trunk = Trunk(cfg)
+    assert trunk.blocks[0].attn.d_qk == 8 + 12
+    assert torch.isfinite(trunk(torch.randn(2, 5, 32), is_causal=True)).all()
+    for attn in (partial(MLA, q_latent=16, kv_latent=8), partial(MLA, rope_style="partial"), partial(MHA)):
+        with pytest.raises(ConfigError, match="model.rope_dims=12: must be even and between 0 and the head dim 8"):
+            _model_cfg(attn, rope_dims=12)
+    with pytest.raises(ConfigError, match="model.rope_dims=11: must be even"):
+        _model_cfg(partial(MLA, rope_style="decoupled"), rope_dims=11)
+    # dense MHA layers of a decoupled model rotate inside their heads: bounded again
+    with pytest.raises(ConfigError, match="model.rope_dims=12: .*head dim 8"):
+        _model_cfg(partial(MLA, rope_style="decoupled"), rope_dims=12, num_dense_layers=1, dense_attn=partial(MHA))
+    _model_cfg(partial(MLA, rope_style="decoupled"), rope_dims=12, num_dense_layers=1)  # dense = same MLA
+
+
+def test_decoupled_rope_dims_through_hydra(tmp_path):
+    from conftest import compose
+    from ethos.cli import build_model_config
+
+    cfg = build_model_config(compose(["model=mla", "model.attn.rope_style=decoupled", "model.rope_dims=48"],
+                                     output_dir=tmp_path))
+    assert cfg.rope_dims == 48 > cfg.head_dim == 32
+    with pytest.raises(ConfigError, match="model.rope_dims=48: must be even and between 0 and the head dim 32"):
+        build_model_config(compose(["model=mla", "model.rope_dims=48"], output_dir=tmp_path))

@@ -228,14 +228,26 @@ def test_ethos_stores_at_least_6x_fewer_parameters_than_peer():
     ({"num_experts": 1000}, "model.ffn.num_experts=1000"),
     ({"k_prime": 2}, "model.ffn.k_prime=2"),
     ({"d_query": 9}, "model.ffn.d_query=9"),
-    ({"impl": "cuda"}, "model.ffn.impl=cuda"),
-    ({"head_reduce": "max"}, "model.ffn.head_reduce=max"),
 ])
 def test_latent_validation(kwargs, key):
     args = {"d_model": 8, "num_experts": 64, "n_heads": 2, "top_k": 4, "d_query": 8, "d_latent": 4,
             "d_hidden": 8} | kwargs
     with pytest.raises(ConfigError) as e:
         LatentExperts(**args)
+    assert str(e.value).startswith(key) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.ffn.impl=cuda", "model.ffn.impl='cuda': must be one of 'auto', 'naive', 'torch', 'triton'"),
+    ("model.ffn.head_reduce=max", "model.ffn.head_reduce='max': must be one of 'mean', 'sum'"),
+    ("model.ffn.d_latent=0", "model.ffn.d_latent=0: must be an integer > 0"),
+])
+def test_latent_config_types(override, key, tmp_path):
+    from conftest import compose
+    from ethos.config import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["model=ethos", override], output_dir=tmp_path))
     assert str(e.value).startswith(key) and "\n" not in str(e.value)
 
 

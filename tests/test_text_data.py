@@ -1,11 +1,14 @@
 """Text data: packing, truncation, whole-word masking, hub layouts read offline, local files, streaming."""
 
 import csv
+import itertools
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +21,7 @@ from conftest import compose, run_cli
 from ethos.cli import train
 from ethos.config import instantiate
 from ethos.data.hub import DataUnavailable, TextFilesDataModule, WikipediaDataModule, WikiText103DataModule
-from ethos.data.text import MLMCollator, pack, train_tokenizer
+from ethos.data.text import Blocks, MLMCollator, pack, train_tokenizer
 from ethos.errors import ConfigError
 
 NOUNS = ["cat", "dog", "bird", "horse", "teacher", "student", "farmer", "doctor"]
@@ -200,23 +203,135 @@ def test_jsonl_column_and_empty_file_skipped(tmp_path, caplog):
     assert dm.stats["train"]["documents"] + dm.stats["validation"]["documents"] == 200
 
 
-def test_streaming_resume_skips_consumed_blocks(tmp_path):
-    (tmp_path / "a.txt").write_text("\n".join(sentences(400, 6)))
-    (tmp_path / "empty.txt").write_text("")
+def stream_position(loader_state: dict) -> dict:
+    """StreamBlocks' state inside a StatefulDataLoader state (single process or its one worker)."""
+    if loader_state.get("dataset_state") is not None:
+        return loader_state["dataset_state"]
+    workers = loader_state["_snapshot"]["_worker_snapshots"]
+    return next(iter(workers.values()))["dataset_state"]
+
+
+def streaming_dm(tmp_path: Path, workers: int = 0, shards: int = 3) -> TextFilesDataModule:
+    if not (tmp_path / "empty.txt").exists():  # other processes of a test reuse the files (and tokenizer)
+        for i in range(shards):
+            (tmp_path / f"part{i}.txt").write_text("\n".join(sentences(150, 6 + i)))
+        (tmp_path / "empty.txt").write_text("")
     dm = TextFilesDataModule(cache_dir=str(tmp_path / "cache"), data_files=str(tmp_path / "*.txt"),
                              vocab_size=120, seq_len=16, batch_size=4, streaming=True, val_docs=20,
-                             shuffle_buffer=50)
+                             shuffle_buffer=50, num_workers=workers)
     dm.prepare_data()
     dm.setup("fit")
-    straight = list(dm._stream("train", batch_size=4, start=0, total=40))  # > one pass: epochs reshuffle
-    resumed = list(dm._stream("train", batch_size=4, start=35, total=40))
-    assert len(straight) == 40 and len(resumed) == 5
-    for a, b in zip(straight[35:], resumed):
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
+    return dm
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streaming_resume_seeks_to_the_exact_next_batch(tmp_path, workers):
+    """A loader restored from the state saved after batch k yields batches k, k+1, ... of the straight
+    run: at every k (one worker: at every window and pass boundary), masks included."""
+    dm = streaming_dm(tmp_path, workers)
+    n = 200  # passes of ~80 batches, windows of 50 documents
+    dl = dm.train_dataloader()
+    assert len(dl) == 1000  # the whole run (no trainer: 1000 steps), so Lightning fetches no batch ahead
+    it = iter(dl)
+    straight, states = [], [dl.state_dict()]
+    for k in range(n):
+        straight.append(next(it))
+        states.append(dl.state_dict())
+        if k % 25 == 3:  # validation reads the same files in between (Lightning: val_check_interval)
+            assert len(list(dm.val_dataloader())) > 0
+    del it
+    pos = [stream_position(s) for s in states]
+    assert [p["b"] for p in pos] == list(range(n + 1))
+    new_pass = [k for k in range(1, n + 1) if pos[k]["epoch"] != pos[k - 1]["epoch"]]
+    new_window = [k for k in range(1, n + 1) if pos[k]["window"] != pos[k - 1]["window"]]
+    assert len(new_pass) >= 2 and len(new_window) > 10
+    assert not torch.equal(straight[0]["input_ids"], straight[new_pass[0]]["input_ids"])  # passes reshuffled
+    if workers == 0:
+        ks = range(n - 1)
+    else:
+        ks = sorted({0, 1, n - 2} | {k + d for k in new_pass + new_window[:4] for d in (-1, 0, 1)})
+    for k in ks:
+        resumed = dm.train_dataloader()
+        resumed.load_state_dict(states[k])
+        it = iter(resumed)
+        assert same_batches([next(it), next(it)], straight[k:k + 2]), k
+        del it
+    k = new_pass[0] - 1  # and the whole tail from just before a pass boundary
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(states[k])
+    assert same_batches(list(itertools.islice(resumed, n - k)), straight[k:])
+
     val = list(dm.val_dataloader())
     n_val = sum(int(b["attention_mask"].sum()) for b in val)
     assert 0 < n_val <= 20 * 16  # the 20 held-out lines only
+
+
+def test_streaming_resume_reads_one_window_not_the_consumed_stream(tmp_path, monkeypatch):
+    dm = streaming_dm(tmp_path)
+    tokenized = []
+    tokenize = Blocks.tokenize
+    monkeypatch.setattr(Blocks, "tokenize", lambda self, batch: tokenized.append(len(batch["text"])) or
+                        tokenize(self, batch))
+    dl = dm.train_dataloader()
+    it = iter(dl)
+    for _ in range(200):
+        next(it)
+    state = dl.state_dict()
+    assert stream_position(state)["epoch"] == 2 and sum(tokenized) > 800  # two passes consumed
+    expected = next(it)
+    del it
+    tokenized.clear()
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    assert same_batches([next(iter(resumed))], [expected])
+    assert sum(tokenized) <= 50  # the current window's documents at most (shuffle_buffer=50)
+
+
+def _resume_on_rank(rank: int, world: int, tmp_path: Path, port: int) -> None:
+    """One process of a CPU 'DDP' job: the state saved by rank 0 alone must resume every rank."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dm = streaming_dm(tmp_path, shards=4)
+    dm.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, max_steps=1000, global_rank=rank,
+                                 world_size=world, lightning_module=None)
+    dl = dm.train_dataloader()
+    it = iter(dl)
+    first = [next(it) for _ in range(60)]  # several windows in: the ranks are at different positions
+    state = dl.state_dict()  # collective, like Lightning's checkpoint dump on every rank
+    expected = [next(it) for _ in range(3)]
+    if rank == 0:  # only rank 0 writes the checkpoint
+        torch.save(state, tmp_path / "state.pt")
+    dist.barrier()
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    it = iter(resumed)
+    got = [next(it) for _ in range(3)]
+    torch.save({"same": same_batches(got, expected), "first": first[0]["input_ids"], "n": len(state["ranks"])},
+               tmp_path / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_streaming_resume_under_ddp_restores_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    streaming_dm(tmp_path, shards=4)  # files and tokenizer, once
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_resume_on_rank, args=(2, tmp_path, port), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["n"] == r1["n"] == 2
+    assert r0["same"] and r1["same"]
+    assert not torch.equal(r0["first"], r1["first"])  # the ranks read different shards
 
 
 def test_short_run_text_files_loss_falls(tmp_path):

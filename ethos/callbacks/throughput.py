@@ -1,62 +1,84 @@
-"""Samples/s and tokens/s over a sliding window of steps, and MFU when the device peak is known."""
+"""Throughput and MFU by Lightning's ThroughputMonitor, fed with our closed-form FLOPs; a model summary
+that shows those FLOPs.
 
-import time
+The task sets `flops_per_batch` before every training batch (closed form, `Task.step_flops`: training
+FLOPs per token x tokens in the batch, image batches counting patches), and says how many samples and
+tokens a batch holds (`Task.batch_dims`). The library keeps the window and computes the rates, and MFU
+where it knows the device peak (CUDA); we only rename its metrics to perf/samples_per_sec,
+perf/tokens_per_sec, perf/flops_per_sec (also on CPU) and perf/mfu (world-wide rates on several devices).
+"""
 
-import lightning as L
-import torch
-from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import RichModelSummary, ThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+
+# the library's names -> ours; without a "device/" prefix they are world-wide (logged when world_size > 1)
+NAMES = {"samples_per_sec": "samples_per_sec", "items_per_sec": "tokens_per_sec",
+         "flops_per_sec": "flops_per_sec", "mfu": "mfu"}
 
 
-class Throughput(L.Callback):
-    def __init__(self, window: int = 20):
-        self.window = window
-        self._t: list[float] = []
-        self._samples: list[int] = []
-        self._tokens: list[int] = []
+class Throughput(ThroughputMonitor):
+    """Rates over a window of `window_size` training batches (nothing is logged before it is full)."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if not self._t:
-            self._sync(pl_module)
-            self._t.append(time.perf_counter())
+    def __init__(self, window_size: int = 20):
+        super().__init__(batch_size_fn=self._count_samples, length_fn=self._count_tokens, window_size=window_size)
+        self._task = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        samples, tokens = batch_size_and_tokens(batch, pl_module)
-        self._samples.append(samples)
-        self._tokens.append(tokens)
-        self._sync(pl_module)
-        self._t.append(time.perf_counter())
-        if len(self._t) > self.window + 1:
-            self._t.pop(0), self._samples.pop(0), self._tokens.pop(0)
-        if trainer.global_step % trainer.log_every_n_steps or len(self._t) < 3:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._task = pl_module
+
+    def _count_samples(self, batch) -> int:
+        return self._task.batch_dims(batch)[0]
+
+    def _count_tokens(self, batch) -> int:
+        samples, tokens_per_sample = self._task.batch_dims(batch)
+        return samples * tokens_per_sample
+
+    def _compute(self, trainer, iter_num: int | None = None) -> None:
+        # training only: the library logs validation rates against the validation batch count, a step
+        # axis that goes backwards (W&B drops those); it still times validation to leave it out of training
+        stage = trainer.state.stage
+        if stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
             return
-        dt = self._t[-1] - self._t[0]
-        world = trainer.world_size
-        metrics = {"perf/samples_per_sec": sum(self._samples) * world / dt,
-                   "perf/tokens_per_sec": sum(self._tokens) * world / dt}
-        flops_per_token = getattr(pl_module, "flops_per_token", None)
-        peak = self._peak(trainer, pl_module)
-        if flops_per_token and peak:
-            metrics["perf/mfu"] = metrics["perf/tokens_per_sec"] * flops_per_token / (peak * world)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-
-    @staticmethod
-    def _sync(pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    @staticmethod
-    def _peak(trainer, pl_module) -> float | None:
-        if pl_module.device.type != "cuda":
-            return None  # CPU peaks are not known reliably
-        return get_available_flops(pl_module.device, trainer.precision)
+        metrics = self._throughputs[stage].compute()
+        out = {}
+        for key, name in NAMES.items():
+            value = metrics.get(key, metrics.get(f"device/{key}"))  # mfu is the same for one device or all
+            if value is not None:
+                out[f"perf/{name}"] = value
+        if out:
+            trainer._logger_connector.log_metrics(out, step=iter_num)
 
 
-def batch_size_and_tokens(batch, pl_module) -> tuple[int, int]:
-    """Text batches count token positions; image batches count patches (the ViT's tokens)."""
-    if isinstance(batch, dict) and "input_ids" in batch:
-        ids = batch["input_ids"]
-        return ids.shape[0], ids.numel()
-    images = batch["image"] if isinstance(batch, dict) else batch[0]
-    patch_embed = getattr(getattr(pl_module, "model", None), "patch_embed", None)
-    per_image = getattr(patch_embed, "num_patches", 1) or 1
-    return images.shape[0], images.shape[0] * per_image
+class ModelSummary(RichModelSummary):
+    """Lightning's summary counts FLOPs only by running `example_input_array` through the module (our
+    tasks have none: their batches are dicts the steps unpack), so it prints "Total FLOPs: 0". Show the
+    closed form instead: forward FLOPs of one training batch, as Lightning's column means."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._flops = None
+        dims = pl_module.nominal_batch_dims() if hasattr(pl_module, "nominal_batch_dims") else None
+        if dims is not None:
+            self._dims = dims
+            self._flops = pl_module.step_flops(*dims, training=False)
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **kwargs) -> None:
+        if self._flops is None:  # no data module to read the batch shape from: leave the summary as is
+            return super().summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                     total_training_modes, total_flops, **kwargs)
+        cols = dict(summary_data)
+        if "FLOPs" in cols:  # the backbone's row; the metric modules do no FLOPs indeed
+            cols["FLOPs"] = [get_human_readable_count(int(self._flops)) if name == "model" else f
+                             for name, f in zip(cols["Name"], cols["FLOPs"])]
+        super().summarize(list(cols.items()), total_parameters, trainable_parameters, model_size,
+                          total_training_modes, int(self._flops), **kwargs)
+        from rich import get_console
+
+        (batch, tokens), fwd = self._dims, self._flops
+        get_console().print(
+            f"FLOPs (closed form, ethos/models/flops.py): forward of a {batch} x {tokens}-token batch "
+            f"{get_human_readable_count(int(fwd))}, training step (3x) {get_human_readable_count(int(3 * fwd))}, "
+            f"per token {get_human_readable_count(int(fwd / (batch * tokens)))} forward")

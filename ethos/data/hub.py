@@ -6,12 +6,12 @@ e.g. from `huggingface-cli download --repo-type dataset ... --local-dir DIR`) is
 same call. Without network they fail fast, in one line, saying how to point at local data.
 """
 
-import inspect
 import logging
 import os
 import socket
 from glob import glob
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from datasets import DatasetDict, load_dataset
@@ -22,17 +22,6 @@ from ethos.errors import ConfigError, DataUnavailable  # noqa: F401  (re-exporte
 log = logging.getLogger(__name__)
 
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SAMPLE_BY = ("line", "paragraph", "document")
-
-
-def full_signature(cls):
-    """Expose base + own keyword arguments as the class signature, so the config key check
-    (ethos.config.check_keys) still sees every valid key despite `**kwargs` forwarding."""
-    base = [p for p in inspect.signature(TextDataModule).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    own = [p for n, p in inspect.signature(cls.__init__).parameters.items()
-           if p.kind is p.KEYWORD_ONLY]
-    cls.__signature__ = inspect.Signature(base + own)
-    return cls
 
 
 def hub_offline() -> bool:
@@ -58,7 +47,6 @@ def _unavailable(path: str, name: str | None, why: str) -> DataUnavailable:
         f"HF cache with HF_DATASETS_OFFLINE=1")
 
 
-@full_signature
 class HubTextDataModule(TextDataModule):
     """A hub text dataset: `load_dataset(path, name)`; its `text_column` is the document text."""
 
@@ -103,21 +91,18 @@ def select_text(docs, column: str, what: str):
     return docs.rename_column(column, "text") if column != "text" else docs
 
 
-@full_signature
 class WikipediaDataModule(HubTextDataModule):
     """`data=wiki`: wikimedia/wikipedia (one article per row; no validation split: one is held out)."""
 
     default_path, default_name = "wikimedia/wikipedia", "20231101.en"
 
 
-@full_signature
 class WikiText103DataModule(HubTextDataModule):
     """`data=wikitext103`: Salesforce/wikitext, one line per row, with its own validation split."""
 
     default_path, default_name = "Salesforce/wikitext", "wikitext-103-raw-v1"
 
 
-@full_signature
 class TextFilesDataModule(TextDataModule):
     """`data=text_files`: local .txt (one document per line/paragraph/file), .jsonl or .parquet files.
 
@@ -128,10 +113,8 @@ class TextFilesDataModule(TextDataModule):
     supports_streaming = True
 
     def __init__(self, *args, data_files: str | list[str] | None = None, text_column: str = "text",
-                 sample_by: str = "line", **kwargs):
+                 sample_by: Literal["line", "paragraph", "document"] = "line", **kwargs):
         super().__init__(*args, **kwargs)
-        if sample_by not in SAMPLE_BY:
-            raise ConfigError(f"data.sample_by={sample_by!r}: valid are {', '.join(SAMPLE_BY)}")
         self.data_files, self.text_column, self.sample_by = data_files, text_column, sample_by
         self.files = resolve_files(data_files) if data_files is not None else None
 

@@ -17,20 +17,30 @@ import logging
 import random
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
 
 from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position
 from ethos.errors import ConfigError
+from ethos.types import Gt, HalfOpenUnit, Le, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 64  # this many unreadable files in a row: the data is broken, not a few files
-VIT_KEYS = ("patch_size", "pool")
+Interpolation = Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"]  # timm's
+
+
+class VitOptions(TypedDict, total=False):
+    """`data.vit`: the ViT settings that depend on the image size."""
+
+    patch_size: PositiveInt
+    pool: Literal["cls", "avg"]
 
 
 def _mix(*xs: int) -> int:
@@ -219,30 +229,23 @@ class ImageDataModule(L.LightningDataModule):
 
     modality = "image"
 
-    def __init__(self, cache_dir: str, img_size: int = 224, batch_size: int = 64,
-                 eval_batch_size: int | None = None, vit: dict | None = None, in_chans: int = 3,
-                 scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5, auto_augment: str | None = None,
-                 color_jitter: float = 0.0, re_prob: float = 0.0, interpolation: str = "bicubic",
-                 crop_pct: float = 0.875, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
-                 std: tuple[float, ...] = (0.229, 0.224, 0.225), mixup: float = 0.0, cutmix: float = 0.0,
-                 label_smoothing: float = 0.0, num_workers: int = 0, seed: int = 0):
+    def __init__(self, cache_dir: str, img_size: PositiveInt = 224, batch_size: PositiveInt = 64,
+                 eval_batch_size: PositiveInt | None = None, vit: VitOptions | None = None,
+                 in_chans: PositiveInt = 3, scale: tuple[Probability, Probability] = (0.08, 1.0),
+                 hflip: Probability = 0.5, auto_augment: str | None = None, color_jitter: NonNegativeFloat = 0.0,
+                 re_prob: Probability = 0.0, interpolation: Interpolation = "bicubic",
+                 crop_pct: Annotated[float, Gt(0), Le(1)] = 0.875, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+                 std: tuple[PositiveFloat, ...] = (0.229, 0.224, 0.225), mixup: NonNegativeFloat = 0.0,
+                 cutmix: NonNegativeFloat = 0.0, label_smoothing: HalfOpenUnit = 0.0,
+                 num_workers: NonNegativeInt = 0, seed: int = 0):
         super().__init__()
         vit = dict(vit or {})
-        unknown = sorted(set(vit) - set(VIT_KEYS))
-        if unknown:
-            raise ConfigError(f"data.vit.{unknown[0]}: unknown key (valid: {', '.join(VIT_KEYS)})")
         self.patch_size, self.pool = int(vit.get("patch_size", 16)), vit.get("pool", "cls")
-        if img_size < 1 or self.patch_size < 1 or img_size % self.patch_size:
+        if img_size % self.patch_size:
             raise ConfigError(f"data.vit.patch_size={self.patch_size}: must divide data.img_size={img_size}")
-        if self.pool not in ("cls", "avg"):
-            raise ConfigError(f"data.vit.pool={self.pool!r}: valid are cls, avg")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size}: must be a positive integer")
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ConfigError(f"data.batch_size={batch_size}: mixup/cutmix pair images, use an even batch")
-        if not 0 <= label_smoothing < 1:
-            raise ConfigError(f"data.label_smoothing={label_smoothing}: must be in [0, 1)")
-        if not (0 < scale[0] <= scale[1] <= 1):
+        if not (0 < scale[0] <= scale[1]):
             raise ConfigError(f"data.scale={list(scale)}: need 0 < min <= max <= 1")
         self.cache_dir, self.img_size, self.in_chans = Path(cache_dir), img_size, in_chans
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size

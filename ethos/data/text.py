@@ -12,10 +12,14 @@ Rows are stored unpadded; the collator pads and derives the attention mask from 
 never from the pad id (a tokenizer may reuse its EOS as pad).
 """
 
+import copy
 import hashlib
+import itertools
 import json
 import logging
+import warnings
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import numpy as np
@@ -23,16 +27,16 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, load_from_disk
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler, run_position
 from ethos.errors import ConfigError
+from ethos.types import Ge, NonNegativeInt, OpenUnit, PositiveInt
 
 log = logging.getLogger(__name__)
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TOKENIZER_TYPES = ("wordpiece", "bpe")
-PACKING = ("pack", "truncate")
 
 
 def train_tokenizer(texts, vocab_size: int, path: Path, kind: str = "wordpiece") -> PreTrainedTokenizerFast:
@@ -202,46 +206,126 @@ class CLMCollator:
 
 
 class StreamBlocks(torch.utils.data.IterableDataset):
-    """Streaming: tokenise + pack on the fly and yield whole collated batches.
+    """Streaming: tokenise + pack on the fly and yield whole collated batches; resumable by seeking.
 
-    Micro-batch b is the b-th batch of one seeded, ordered stream (passes reshuffled with
-    `set_epoch`), so a resumed run skips the first `start` batches' blocks (re-reading, not
-    training on them) and then sees exactly what the uninterrupted run would have; masks are seeded
-    by b as in the cached path. One ordered stream means one reader: num_workers must be 0 or 1.
+    Documents are read `window` at a time; a train window is shuffled by a permutation seeded by
+    (seed, epoch, window index), then tokenised and packed `doc_batch` documents at a time (the tail
+    of each doc batch, < one block, is dropped). Micro-batch b is the b-th run of `batch_size`
+    consecutive blocks, masked with seed b as in the cached path. Passes repeat until `total`
+    micro-batches (train), or the stream is read once (evaluation, `total=None`).
+
+    `state_dict()` is the position after the last yielded micro-batch: b, the epoch, the reader's
+    (HF IterableDataset) state at the start of the current window, the window's index, the doc batch
+    within it and how many of its blocks were emitted. A resume therefore re-reads one window and
+    re-tokenises one doc batch, whatever the step. HF's own `shuffle` is not used: its buffer is not
+    part of its state, so a resume from it would not be exact. One ordered stream: 0 or 1 workers.
     """
 
-    def __init__(self, docs: IterableDataset, blocks: Blocks, collate, batch_size: int, start: int = 0,
-                 total: int | None = None, id_offset: int = 0, doc_batch: int = 256):
-        self.docs, self.blocks, self.collate, self.bs = docs, blocks, collate, batch_size
-        self.start, self.total, self.id_offset, self.doc_batch = start, total, id_offset, doc_batch
+    def __init__(self, docs: IterableDataset, blocks: Blocks, collate, batch_size: int, total: int | None = None,
+                 id_offset: int = 0, window: int = 10_000, shuffle: bool = False, seed: int = 0,
+                 doc_batch: int = 256, start: int = 0):
+        # our own copy: HF keeps a reader's position in its (shared) iterable objects, so reading the
+        # validation split (a `take` of the same files) in between would move this stream's position
+        self.docs = copy.deepcopy(docs)
+        self.blocks, self.collate, self.bs = blocks, collate, batch_size
+        self.total, self.id_offset, self.window, self.shuffle = total, id_offset, window, shuffle
+        self.seed, self.doc_batch, self.start = seed, doc_batch, start
+        self._resume: dict | None = None
+        self._state: dict | None = None
 
-    def _blocks(self):
-        epoch = 0
+    def __len__(self) -> int:
+        # the whole run, as the map-style sampler: with a length, Lightning does not fetch a batch
+        # ahead, so the state it saves with a checkpoint is the one after the last trained batch
+        if self.total is None:
+            raise TypeError("an evaluation stream has no length until read")
+        return self.total
+
+    @staticmethod
+    def initial_state() -> dict:
+        return {"b": 0, "epoch": 0, "reader": None, "window": 0, "doc_batch": 0, "block": 0}
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._state or self._resume or self.initial_state())
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = copy.deepcopy(state)
+
+    def _windows(self, reader: dict | None):
+        """Windows of documents from a reader position (None: the first document)."""
+        self.docs.load_state_dict(reader)  # None clears a position loaded for an earlier pass
+        return self.docs.iter(self.window)
+
+    def _order(self, texts: list[str], epoch: int, window: int) -> list[str]:
+        if not self.shuffle:
+            return texts
+        perm = np.random.default_rng([self.seed, epoch, window]).permutation(len(texts))
+        return [texts[i] for i in perm]
+
+    def _blocks(self, pos: dict):
+        """Blocks from position `pos` on; `pos` is kept pointing just after the last yielded block."""
         while True:
-            if hasattr(self.docs, "set_epoch"):
-                self.docs.set_epoch(epoch)
-            got = False
-            for batch in self.docs.iter(self.doc_batch):
-                grouped = self.blocks.group(self.blocks.tokenize(batch))
-                for r in range(len(grouped["input_ids"])):
-                    got = True
-                    yield {k: v[r] for k, v in grouped.items()}
-            if self.total is None or not got:  # evaluation: one pass; an empty stream: stop
+            from_start, got = pos["reader"] is None and pos["doc_batch"] == pos["block"] == 0, False
+            for window in self._windows(pos["reader"]):
+                after = self.docs.state_dict()  # the reader's position after this window
+                texts = self._order(window["text"], pos["epoch"], pos["window"])
+                for i in range(pos["doc_batch"], -(-len(texts) // self.doc_batch)):
+                    chunk = texts[i * self.doc_batch:(i + 1) * self.doc_batch]
+                    grouped = self.blocks.group(self.blocks.tokenize({"text": chunk}))
+                    for j in range(pos["block"], len(grouped["input_ids"])):
+                        pos["doc_batch"], pos["block"], got = i, j + 1, True
+                        yield {k: v[j] for k, v in grouped.items()}
+                    pos["doc_batch"], pos["block"] = i + 1, 0
+                pos.update(reader=after, window=pos["window"] + 1, doc_batch=0, block=0)
+            if self.total is None or (from_start and not got):  # evaluation: one pass; an empty stream: stop
                 return
-            epoch += 1
+            pos.update(epoch=pos["epoch"] + 1, reader=None, window=0, doc_batch=0, block=0)
 
     def __iter__(self):
-        b, items = 0, []
-        for item in self._blocks():
-            if self.total is not None and b >= self.total:
-                return
-            items.append(item)
-            if len(items) == self.bs:
-                if b >= self.start:
+        if self._resume is None and self.start > 0:
+            log.warning(f"streaming resume at micro-batch {self.start} without a saved stream position (a "
+                        "checkpoint from before resumable streaming?): the stream restarts at its beginning")
+        pos = copy.deepcopy(self._resume or self.initial_state())  # each iteration starts there
+        self._state = dict(pos)
+        b = pos.pop("b")
+        blocks = self._blocks(pos)
+        while self.total is None or b < self.total:
+            items = list(itertools.islice(blocks, self.bs))
+            if len(items) < self.bs:
+                if items and self.total is None:  # evaluation keeps the last partial batch
                     yield self.collate([{**it, "batch_idx": self.id_offset + b} for it in items])
-                b, items = b + 1, []
-        if items and self.total is None:  # evaluation keeps the last partial batch
+                return
+            self._state = {**pos, "b": b + 1}  # set before the yield: a loader saves it right after
             yield self.collate([{**it, "batch_idx": self.id_offset + b} for it in items])
+            b += 1
+
+
+class StreamLoader(StatefulDataLoader):
+    """The streaming train loader. Lightning saves its state_dict() with each checkpoint and loads it
+    before iterating. Under DDP each rank reads its own shards but only rank 0's checkpoint is written,
+    so the state holds every rank's position (gathered: all ranks save checkpoints together)."""
+
+    def __init__(self, ds: StreamBlocks, num_workers: int = 0, rank: int = 0, world_size: int = 1):
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.14 deprecates
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            super().__init__(ds, batch_size=None, num_workers=num_workers)
+        self.rank, self.world_size = rank, world_size
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.world_size == 1:
+            return state
+        ranks = [None] * self.world_size
+        torch.distributed.all_gather_object(ranks, state)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "ranks" in state:
+            if len(state["ranks"]) != self.world_size:
+                raise ConfigError(f"data.streaming=true: the checkpoint holds the stream positions of "
+                                  f"{len(state['ranks'])} processes, this run has {self.world_size}; a stream "
+                                  "split by process resumes exactly only on as many processes")
+            state = state["ranks"][self.rank]
+        super().load_state_dict(state)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -251,32 +335,20 @@ class TextDataModule(L.LightningDataModule):
     modality = "text"
     supports_streaming = False
 
-    def __init__(self, cache_dir: str, tokenizer: str | None = None, tokenizer_type: str = "wordpiece",
-                 vocab_size: int = 8192, tokenizer_docs: int | None = None, seq_len: int = 128,
-                 packing: str = "pack", batch_size: int = 32, eval_batch_size: int | None = None,
-                 val_fraction: float = 0.05, mlm_probability: float = 0.15, whole_word_mask: bool = False,
-                 streaming: bool = False, val_docs: int = 1000, shuffle_buffer: int = 10_000,
-                 num_workers: int = 0, num_proc: int | None = None, seed: int = 0):
+    def __init__(self, cache_dir: str, tokenizer: str | None = None,
+                 tokenizer_type: Literal["wordpiece", "bpe"] = "wordpiece", vocab_size: PositiveInt = 8192,
+                 tokenizer_docs: PositiveInt | None = None, seq_len: Annotated[int, Ge(8)] = 128,
+                 packing: Literal["pack", "truncate"] = "pack", batch_size: PositiveInt = 32,
+                 eval_batch_size: PositiveInt | None = None, val_fraction: OpenUnit = 0.05,
+                 mlm_probability: OpenUnit = 0.15, whole_word_mask: bool = False, streaming: bool = False,
+                 val_docs: PositiveInt = 1000, shuffle_buffer: PositiveInt = 10_000,
+                 num_workers: NonNegativeInt = 0, num_proc: PositiveInt | None = None, seed: int = 0):
         super().__init__()
-        if seq_len < 8:
-            raise ConfigError(f"data.seq_len={seq_len}: must be at least 8")
-        if not 0 < mlm_probability < 1:
-            raise ConfigError(f"data.mlm_probability={mlm_probability}: must be in (0, 1)")
-        if not 0 < val_fraction < 1:
-            raise ConfigError(f"data.val_fraction={val_fraction}: must be in (0, 1)")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size}: must be a positive integer")
-        if tokenizer_type not in TOKENIZER_TYPES:
-            raise ConfigError(f"data.tokenizer_type={tokenizer_type!r}: valid are {', '.join(TOKENIZER_TYPES)}")
-        if packing not in PACKING:
-            raise ConfigError(f"data.packing={packing!r}: valid are {', '.join(PACKING)}")
         if streaming and not self.supports_streaming:
             raise ConfigError(f"data.streaming=true: {type(self).__name__} has no streaming path (set false)")
         if streaming and num_workers > 1:
-            raise ConfigError(f"data.num_workers={num_workers}: streaming reads one ordered stream (so a "
-                              "resume can skip what was consumed); valid are 0 and 1")
-        if tokenizer_docs is not None and tokenizer_docs < 1:
-            raise ConfigError(f"data.tokenizer_docs={tokenizer_docs}: must be a positive integer or null (all)")
+            raise ConfigError(f"data.num_workers={num_workers}: streaming reads one ordered stream (whose "
+                              "position a checkpoint stores); valid are 0 and 1")
         self.cache_dir, self.tokenizer_name, self.vocab_size_cfg = Path(cache_dir), tokenizer, vocab_size
         self.tokenizer_type, self.tokenizer_docs = tokenizer_type, tokenizer_docs
         self.seq_len, self.packing, self.batch_size = seq_len, packing, batch_size
@@ -407,24 +479,22 @@ class TextDataModule(L.LightningDataModule):
             return CLMCollator(self.pad_id, self.seq_len)
         return MLMCollator(self.tokenizer, self.mlm_probability, self.seed, self.seq_len, self.whole_word_mask)
 
-    def _stream(self, split: str, **kw) -> DataLoader:
+    def _stream(self, split: str, **kw) -> StreamBlocks:
         from datasets.distributed import split_dataset_by_node
 
         pos = run_position(self.trainer)
-        rank, world = pos["rank"], pos["world_size"]
         docs = self.splits[split]
-        if split == "train":
-            docs = docs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        if world > 1:
-            docs = split_dataset_by_node(docs, rank=rank, world_size=world)
+        if pos["world_size"] > 1:
+            docs = split_dataset_by_node(docs, rank=pos["rank"], world_size=pos["world_size"])
         blocks = Blocks(self.tokenizer, self.seq_len, self.packing, self.whole_word_mask)
-        ds = StreamBlocks(docs, blocks, self.collate(), **kw)
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+        return StreamBlocks(docs, blocks, self.collate(), seed=self.seed, **kw)
 
     def train_dataloader(self) -> DataLoader:
         pos = run_position(self.trainer)
         if self.streaming:
-            return self._stream("train", batch_size=self.batch_size, start=pos["start"], total=pos["total"])
+            ds = self._stream("train", batch_size=self.batch_size, total=pos["total"], start=pos["start"],
+                              window=self.shuffle_buffer, shuffle=True)
+            return StreamLoader(ds, self.num_workers, pos["rank"], pos["world_size"])
         sampler = StepBatchSampler(len(self.splits["train"]), self.batch_size, pos["total"], seed=self.seed,
                                    start=pos["start"], rank=pos["rank"], world_size=pos["world_size"])
         return DataLoader(Indexed(self.splits["train"]), batch_sampler=sampler, collate_fn=self.collate(),
@@ -432,7 +502,8 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         if self.streaming:
-            return self._stream("validation", batch_size=self.eval_batch_size, id_offset=EvalBatchSampler.OFFSET)
+            ds = self._stream("validation", batch_size=self.eval_batch_size, id_offset=EvalBatchSampler.OFFSET)
+            return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
         pos = run_position(self.trainer)
         sampler = EvalBatchSampler(len(self.splits["validation"]), self.eval_batch_size, pos["rank"],
                                    pos["world_size"])

@@ -1,21 +1,29 @@
-"""Attention variants sharing one call signature: forward(x, attn_mask=None, is_causal=False).
+"""Attention variants sharing one call signature: forward(x, attn_mask=None, is_causal=False, rope=None).
 
-`attn_mask` is a (B, T) bool padding mask, True = real token. Every module gets the same common
+`attn_mask` is a (B, T) bool padding mask, True = real token. `rope` is the (cos, sin) pair the trunk
+computes once per forward for all its layers (ethos.models.rope); standalone calls may leave it out
+and the module builds the same tables itself. Every module gets the same common
 constructor arguments from the backbone (d_model, n_heads, head_dim, rope_dims, rope_theta,
 rope_interleave, max_seq_len, dropout); variant-specific ones come from the model config.
 
-Each class has a closed-form `param_count(...)` taking the same arguments as its constructor, so the
-sizes of a config can be read without building it (and tests check the formula against the module).
+Each class has closed forms `param_count(...)` and `flops(..., seq_len=T)` (forward FLOPs per token)
+taking the same arguments as its constructor, so the sizes and costs of a config can be read without
+building it (tests check them against the module and against torch's FlopCounterMode). FLOPs follow the
+convention of ethos/models/flops.py: 2 per multiply-add of every matmul, attention scores and weighted
+sums over the full T x T (also when causal).
 """
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ethos.errors import ConfigError
-from ethos.models.rope import Rotary
+from ethos.models.rope import Rope, apply_rope, rope_tables
+from ethos.types import PositiveFloat, PositiveInt
 
-ROPE_STYLES = ("partial", "decoupled")
+RopeStyle = Literal["partial", "decoupled"]
 
 
 def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tuple[Tensor | None, bool]:
@@ -28,12 +36,13 @@ def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tupl
     return mask, False
 
 
-def _check_dim(key: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        valid = "a positive integer or null" if allow_none else "a positive integer"
-        raise ConfigError(f"model.attn.{key}={value!r}: must be {valid}")
+def _tables(rope: Rope | None, dims: int, theta: float, q: Tensor) -> Rope:
+    """The trunk's shared tables, or (standalone use) the same ones built here in q's dtype."""
+    if rope is None:
+        return rope_tables(dims, q.shape[-2], theta, q.dtype, q.device)
+    if 2 * rope[0].shape[-1] != dims:
+        raise ValueError(f"rope tables for {2 * rope[0].shape[-1]} channels, this layer rotates {dims}")
+    return rope
 
 
 class MHA(nn.Module):
@@ -47,7 +56,7 @@ class MHA(nn.Module):
         inner = n_heads * self.head_dim
         self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)  # rows laid out [W_q; W_k; W_v]
         self.out = nn.Linear(inner, d_model, bias=bias)
-        self.rope = Rotary(rope_dims, rope_theta, rope_interleave, max_seq_len)
+        self.rope_dims, self.rope_theta, self.rope_interleave = rope_dims, rope_theta, rope_interleave
         self.dropout = dropout
 
     @staticmethod
@@ -56,10 +65,20 @@ class MHA(nn.Module):
         inner = n_heads * (head_dim or d_model // n_heads)
         return 4 * d_model * inner + bias * (3 * inner + d_model)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    @staticmethod
+    def flops(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *, seq_len: int,
+              **_) -> int:
+        inner = n_heads * (head_dim or d_model // n_heads)
+        # W_qkv and W_O; q k^T and p v: T * d_h multiply-adds per head each
+        return 2 * 4 * d_model * inner + 2 * 2 * seq_len * inner
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                rope: Rope | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q), self.rope(k)
+        if self.rope_dims:
+            rope = _tables(rope, self.rope_dims, self.rope_theta, q)
+            q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
         mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -84,15 +103,10 @@ class MLA(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
                  rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
-                 dropout: float = 0.0, q_latent: int | None = None, kv_latent: int = 64,
-                 v_head_dim: int | None = None, rope_style: str = "partial", bias: bool = False,
-                 norm_eps: float = 1e-6):
+                 dropout: float = 0.0, q_latent: PositiveInt | None = None, kv_latent: PositiveInt = 64,
+                 v_head_dim: PositiveInt | None = None, rope_style: RopeStyle = "partial", bias: bool = False,
+                 norm_eps: PositiveFloat = 1e-6):
         super().__init__()
-        _check_dim("q_latent", q_latent, allow_none=True)
-        _check_dim("kv_latent", kv_latent)
-        _check_dim("v_head_dim", v_head_dim, allow_none=True)
-        if rope_style not in ROPE_STYLES:
-            raise ConfigError(f"model.attn.rope_style={rope_style!r}: valid are {', '.join(ROPE_STYLES)}")
         head_dim = head_dim or d_model // n_heads
         if rope_style == "decoupled" and (rope_dims < 2 or rope_dims % 2):
             raise ConfigError(f"model.rope_dims={rope_dims}: rope_style=decoupled needs a positive even "
@@ -112,7 +126,7 @@ class MLA(nn.Module):
         self.kv_norm = nn.RMSNorm(kv_latent, eps=norm_eps)
         self.kv_b = nn.Linear(kv_latent, n_heads * (self.d_k + self.d_v), bias=False)
         self.out = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
-        self.rope = Rotary(rope_dims, rope_theta, rope_interleave, max_seq_len)
+        self.rope_dims, self.rope_theta, self.rope_interleave = rope_dims, rope_theta, rope_interleave
         self.scale = self.d_qk ** -0.5
         self.dropout = dropout
 
@@ -132,11 +146,25 @@ class MLA(nn.Module):
         down_bias = (q_latent or q_heads) + kv_latent + d_r
         return q + kv + n_heads * d_v * d_model + bias * (down_bias + d_model)
 
+    @staticmethod
+    def flops(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *, seq_len: int,
+              q_latent: int | None = None, kv_latent: int = 64, v_head_dim: int | None = None,
+              rope_style: str = "partial", **_) -> int:
+        d_k = head_dim or d_model // n_heads
+        d_v = v_head_dim or d_k
+        d_r = rope_dims if rope_style == "decoupled" else 0
+        q_heads = n_heads * (d_k + d_r)
+        down = d_model * ((q_latent or q_heads) + kv_latent + d_r)  # fused W_qa (or W_q), W_kva, W_kr
+        up = (q_latent or 0) * q_heads + kv_latent * n_heads * (d_k + d_v)  # W_qb, W_kvb
+        scores = seq_len * (q_heads + n_heads * d_v)  # q k^T over d_k + d_r channels, p v over d_v
+        return 2 * (down + up + scores + n_heads * d_v * d_model)
+
     def project_out(self, o: Tensor) -> Tensor:
         """(B, T, H * d_v) concatenated head outputs -> (B, T, d)."""
         return self.out(o)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                rope: Rope | None = None) -> Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         q, c_kv, k_r = self.qkv_a(x).split(self.split, dim=-1)
@@ -145,13 +173,15 @@ class MLA(nn.Module):
         q = q.view(B, T, H, self.d_qk).transpose(1, 2)
         kv = self.kv_b(self.kv_norm(c_kv)).view(B, T, H, self.d_k + self.d_v).transpose(1, 2)
         k, v = kv.split([self.d_k, self.d_v], dim=-1)
+        if self.rope_dims:
+            rope = _tables(rope, self.rope_dims, self.rope_theta, q)
         if self.d_r:  # decoupled: rotate the trailing d_r query channels and the shared key head
             q_nope, q_r = q.split([self.d_k, self.d_r], dim=-1)
-            q = torch.cat((q_nope, self.rope(q_r)), dim=-1)
-            k_r = self.rope(k_r.view(B, 1, T, self.d_r)).expand(B, H, T, self.d_r)
+            q = torch.cat((q_nope, apply_rope(q_r, rope, self.rope_interleave)), dim=-1)
+            k_r = apply_rope(k_r.view(B, 1, T, self.d_r), rope, self.rope_interleave).expand(B, H, T, self.d_r)
             k = torch.cat((k, k_r), dim=-1)
-        else:  # partial: rotate the first rope_dims channels of every q and k head
-            q, k = self.rope(q), self.rope(k)
+        elif self.rope_dims:  # partial: rotate the first rope_dims channels of every q and k head
+            q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
         mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -167,13 +197,12 @@ class MLAO(MLA):
     d_o < d * H * d_v / (H * d_v + d).
     """
 
-    # explicit arguments (not **kwargs) so that unknown config keys are still reported by check_keys
+    # explicit arguments (not **kwargs): the config check reads their types from this signature
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
                  rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
-                 dropout: float = 0.0, q_latent: int | None = None, kv_latent: int = 64,
-                 v_head_dim: int | None = None, rope_style: str = "partial", bias: bool = False,
-                 norm_eps: float = 1e-6, o_latent: int = 64):
-        _check_dim("o_latent", o_latent)
+                 dropout: float = 0.0, q_latent: PositiveInt | None = None, kv_latent: PositiveInt = 64,
+                 v_head_dim: PositiveInt | None = None, rope_style: RopeStyle = "partial", bias: bool = False,
+                 norm_eps: PositiveFloat = 1e-6, o_latent: PositiveInt = 64):
         super().__init__(d_model, n_heads, head_dim, rope_dims, rope_theta, rope_interleave, max_seq_len,
                          dropout, q_latent, kv_latent, v_head_dim, rope_style, bias, norm_eps)
         self.o_latent = o_latent
@@ -188,6 +217,13 @@ class MLAO(MLA):
         inner = n_heads * (kwargs.get("v_head_dim") or head_dim or d_model // n_heads)
         mla = MLA.param_count(d_model, n_heads, head_dim, rope_dims, **kwargs)
         return mla - inner * d_model + o_latent * (inner + d_model)  # W_O -> W_OA, W_OB
+
+    @staticmethod
+    def flops(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *, seq_len: int,
+              o_latent: int = 64, **kwargs) -> int:
+        inner = n_heads * (kwargs.get("v_head_dim") or head_dim or d_model // n_heads)
+        mla = MLA.flops(d_model, n_heads, head_dim, rope_dims, seq_len=seq_len, **kwargs)
+        return mla + 2 * (o_latent * (inner + d_model) - inner * d_model)  # W_O -> W_OA, W_OB
 
     def project_out(self, o: Tensor) -> Tensor:
         return self.o_b(self.o_a(o))

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ethos.models.config import ModelConfig
+from ethos.models.rope import Rope, Rotary
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -16,28 +17,53 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+def layer_factories(cfg: ModelConfig, layer_idx: int) -> tuple:
+    """(attention, FFN) factories of a layer: the first num_dense_layers may use dense ones."""
+    if layer_idx < cfg.num_dense_layers:
+        return cfg.dense_attn or cfg.attn, cfg.dense_ffn or cfg.ffn
+    return cfg.attn, cfg.ffn
+
+
+def closed_form(factory, name: str, **kwargs):
+    """Call a module's static closed form (`param_count`, `flops`) with its config arguments: works for
+    Hydra partials (class + keywords) and bare classes."""
+    cls = getattr(factory, "func", factory)
+    return getattr(cls, name)(**{**getattr(factory, "keywords", {}), **kwargs})
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        dense = layer_idx < cfg.num_dense_layers
-        attn = (cfg.dense_attn or cfg.attn) if dense else cfg.attn
-        ffn = (cfg.dense_ffn or cfg.ffn) if dense else cfg.ffn
+        attn, ffn = layer_factories(cfg, layer_idx)
         self.attn_norm = make_norm(cfg)
         self.attn = attn(**cfg.common())
         self.ffn_norm = make_norm(cfg)
         self.ffn = ffn(d_model=cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), attn_mask=attn_mask, is_causal=is_causal))
+    @staticmethod
+    def flops(cfg: ModelConfig, layer_idx: int, seq_len: int, tokens: int) -> float:
+        """Forward FLOPs per token (norms ignored) for sequences of seq_len, tokens per forward."""
+        attn, ffn = layer_factories(cfg, layer_idx)
+        return (closed_form(attn, "flops", **cfg.common(), seq_len=seq_len)
+                + closed_form(ffn, "flops", d_model=cfg.d_model, tokens=tokens))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                rope: Rope | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope))
         return x + self.drop(self.ffn(self.ffn_norm(x), pad_mask=attn_mask))
 
 
 class Trunk(nn.Module):
-    """The stack of blocks plus the final norm; embeddings and heads belong to the backbone."""
+    """The stack of blocks plus the final norm; embeddings and heads belong to the backbone.
+
+    The trunk owns the model's one RoPE table: (cos, sin) for the current positions are cast to the
+    activation dtype once per forward and shared by every layer's attention.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.rope = Rotary(cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_dims else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         for block in self.blocks:
@@ -46,9 +72,21 @@ class Trunk(nn.Module):
                 if not getattr(m, "custom_init", False):  # experts keep their own scheme
                     m.apply(lambda mod: init_linear(mod, cfg.n_layers))
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    @staticmethod
+    def flops(cfg: ModelConfig, seq_len: int, tokens: int) -> float:
+        """Forward FLOPs per token of all blocks for sequences of seq_len, `tokens` tokens per forward."""
+        return sum(Block.flops(cfg, i, seq_len, tokens) for i in range(cfg.n_layers))
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                positions: Tensor | None = None) -> Tensor:
+        rope = None
+        if self.rope is not None:
+            # q and k come out of the attention projections: under autocast in its dtype, not x's
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            rope = self.rope(x.shape[1], dtype, positions)
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
         return self.norm(x)
 
 
@@ -94,13 +132,21 @@ class TextBackbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int = 0):
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
+        self.cfg, self.pad_id = cfg, pad_id
+        # no padding_idx: padding is masked out of attention and loss already, and when pad falls back
+        # to EOS/SEP (GPT-2, packed BERT data) padding_idx would freeze that real token's embedding
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_pos else None
         self.trunk = Trunk(cfg)  # ends in the final norm
         nn.init.normal_(self.embed.weight, std=0.02)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=0.02)
+
+    def flops_per_token(self, seq_len: int, batch_size: int, head_fraction: float) -> float:
+        """Forward FLOPs per token position: the trunk, plus the tied vocabulary head at the fraction of
+        positions it runs on (embedding lookups and position adds are not FLOPs by our convention)."""
+        V, d = self.embed.weight.shape
+        return Trunk.flops(self.cfg, seq_len, seq_len * batch_size) + head_fraction * 2 * d * V
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Hidden states (B, T, d) after the final norm."""

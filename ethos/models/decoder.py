@@ -9,6 +9,11 @@ from ethos.models.blocks import TextBackbone
 class Decoder(TextBackbone):
     causal = True  # position t sees positions <= t only
 
+    def flops_per_token(self, seq_len: int, batch_size: int) -> float:
+        """Forward FLOPs per token position; the LM head runs at every position but the last of each
+        row (counted as such even when some are padding: the closed form knows no data)."""
+        return super().flops_per_token(seq_len, batch_size, (seq_len - 1) / seq_len)
+
     def logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.embed.weight)  # tied to the input embedding
 

@@ -15,6 +15,10 @@ class Encoder(TextBackbone):
         super().__init__(cfg, vocab_size, pad_id)
         self.mlm_bias = nn.Parameter(torch.zeros(vocab_size))
 
+    def flops_per_token(self, seq_len: int, batch_size: int, mask_fraction: float = 0.15) -> float:
+        """Forward FLOPs per token position; the MLM head runs only at the masked ones (`mask_fraction`)."""
+        return super().flops_per_token(seq_len, batch_size, mask_fraction)
+
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         return F.linear(hidden, self.embed.weight, self.mlm_bias)
 

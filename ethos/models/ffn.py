@@ -1,7 +1,9 @@
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ethos.errors import ConfigError
+from ethos.types import PositiveInt
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
                "silu": F.silu}
@@ -10,10 +12,15 @@ ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 class SwiGLU(nn.Module):
     """Gated FFN: W_2 (silu(x W_1) * x W_3). `pad_mask` is accepted for a common FFN signature."""
 
-    def __init__(self, d_model: int, d_ff: int = 1024, bias: bool = False):
+    def __init__(self, d_model: int, d_ff: PositiveInt = 1024, bias: bool = False):
         super().__init__()
         self.w13 = nn.Linear(d_model, 2 * d_ff, bias=bias)  # gate and up in one matmul
         self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    @staticmethod
+    def flops(d_model: int, d_ff: int = 1024, **_) -> int:
+        """Forward FLOPs per token: W_1, W_3 (d -> d_ff) and W_2 (d_ff -> d)."""
+        return 2 * 3 * d_model * d_ff
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -23,13 +30,17 @@ class SwiGLU(nn.Module):
 class MLP(nn.Module):
     """Classic two-matrix FFN, W_2 act(x W_1): the block of BERT, GPT-2 and timm's ViT."""
 
-    def __init__(self, d_model: int, d_ff: int = 1024, activation: str = "gelu", bias: bool = True):
+    def __init__(self, d_model: int, d_ff: PositiveInt = 1024,
+                 activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu", bias: bool = True):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"model.ffn.activation={activation!r}: valid are {', '.join(ACTIVATIONS)}")
         self.w1 = nn.Linear(d_model, d_ff, bias=bias)
         self.w2 = nn.Linear(d_ff, d_model, bias=bias)
         self.act = ACTIVATIONS[activation]
+
+    @staticmethod
+    def flops(d_model: int, d_ff: int = 1024, **_) -> int:
+        """Forward FLOPs per token: W_1 (d -> d_ff) and W_2 (d_ff -> d)."""
+        return 2 * 2 * d_model * d_ff
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         return self.w2(self.act(self.w1(x)))

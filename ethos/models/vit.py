@@ -44,6 +44,16 @@ class ViT(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def flops_per_token(self, batch_size: int) -> float:
+        """Forward FLOPs per patch (the ViT's token count; the cls slot runs through the trunk too but
+        is not counted as a token): patch projection, trunk over prefix + patches, linear head."""
+        N, d = self.patch_embed.num_patches, self.cfg.d_model
+        patch = 2 * self.patch_embed.proj.weight[0].numel() * d  # C * P * P -> d per patch
+        T = self.num_prefix + N
+        trunk = Trunk.flops(self.cfg, T, T * batch_size) * T
+        head = 2 * d * self.head.out_features
+        return (N * patch + trunk + head) / N
+
     def embed(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, prefix + N, d): patches, cls token prepended, positions added."""
         x = self.patch_embed(images)

@@ -29,17 +29,15 @@ class ImageClassifier(Task):
         self.val_skipped = SumMetric()
         self.train_skipped = 0  # unreadable images replaced so far in this process (also logged)
 
-    def param_groups(self) -> list[dict]:
-        # timm's rule: no decay on biases, norm gains, positions and the cls token; the patch conv
-        # and every matrix decay (the base class would treat `patch_embed` as an embedding table)
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = p.ndim <= 1 or name in ("pos_embed", "cls_token")
-            (no_decay if skip else decay).append(p)
-        return [{"params": decay, "weight_decay": self.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+    def batch_dims(self, batch: dict) -> tuple[int, int]:
+        return batch["image"].shape[0], self.model.patch_embed.num_patches  # patches are the tokens
+
+    def nominal_batch_dims(self) -> tuple[int, int] | None:
+        batch_size = getattr(getattr(self._trainer, "datamodule", None), "batch_size", None)
+        return (batch_size, self.model.patch_embed.num_patches) if batch_size else None
+
+    def flops_per_token(self, batch_size: int, tokens_per_sample: int) -> float:
+        return self.model.flops_per_token(batch_size=batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])

@@ -18,6 +18,9 @@ class CausalLM(LanguageModel):
         if model.compile:
             self.model.trunk.compile()
 
+    def flops_per_token(self, batch_size: int, tokens_per_sample: int) -> float:
+        return self.model.flops_per_token(seq_len=tokens_per_sample, batch_size=batch_size)
+
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         loss, correct, n = self.model.clm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return loss, correct, int(n)

@@ -17,6 +17,15 @@ class LanguageModel(Task):
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         raise NotImplementedError
 
+    def batch_dims(self, batch: dict) -> tuple[int, int]:
+        return tuple(batch["input_ids"].shape)  # every position counts, padding included
+
+    def nominal_batch_dims(self) -> tuple[int, int] | None:
+        dm = getattr(self._trainer, "datamodule", None)
+        if getattr(dm, "batch_size", None) and getattr(dm, "seq_len", None):
+            return dm.batch_size, dm.seq_len
+        return None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, correct, n = self._step(batch)
         self.log_dict({"train/loss": loss, "train/acc": correct / max(n, 1),

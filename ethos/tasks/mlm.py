@@ -16,6 +16,11 @@ class MaskedLM(LanguageModel):
         if model.compile:
             self.model.trunk.compile()
 
+    def flops_per_token(self, batch_size: int, tokens_per_sample: int) -> float:
+        # the head runs at the masked positions only: the data module's masking rate (BERT's 15%)
+        rate = getattr(getattr(self._trainer, "datamodule", None), "mlm_probability", 0.15)
+        return self.model.flops_per_token(seq_len=tokens_per_sample, batch_size=batch_size, mask_fraction=rate)
+
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         loss, correct = self.model.mlm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return loss, correct, int((batch["labels"] != -100).sum())

@@ -19,9 +19,10 @@ DEFAULT_OBJECTIVE = {"text": "mlm", "image": "cls"}
 
 
 def modality(cfg: DictConfig) -> str:
-    from hydra.utils import get_class
+    """The data module's `modality` (read through the config check's cache: no import once known)."""
+    from ethos.config import target_info
 
-    return getattr(get_class(cfg.data._target_), "modality", "text")
+    return target_info(cfg, cfg.data._target_, "data").modality or "text"
 
 
 def _entry(cfg: DictConfig) -> tuple[str, str, dict]:

@@ -14,33 +14,28 @@ Paths (same function, selected by `impl`):
   auto    triton on CUDA, torch elsewhere.
 """
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ethos.errors import ConfigError
 from ethos.kernels.latent_experts import check_triton, expert_mix
 from ethos.models.moe.router import ProductKeyRouter, validate_router_args
-
-IMPLS = ("auto", "naive", "torch", "triton")
-HEAD_REDUCE = ("mean", "sum")
+from ethos.types import PositiveInt
 
 
 class LatentExperts(nn.Module):
     custom_init = True  # Trunk leaves the init below alone
+    projections = ("w1", "w_u", "w_v")  # the generator's matrices are weight-decayed (ethos.tasks.base.decays)
 
-    def __init__(self, d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8,
-                 d_query: int = 128, d_latent: int = 64, d_hidden: int = 256, k_prime: int | None = None,
-                 head_reduce: str = "mean", impl: str = "auto"):
+    def __init__(self, d_model: int, num_experts: PositiveInt = 128**2, n_heads: PositiveInt = 4,
+                 top_k: PositiveInt = 8, d_query: PositiveInt = 128, d_latent: PositiveInt = 64,
+                 d_hidden: PositiveInt = 256, k_prime: PositiveInt | None = None,
+                 head_reduce: Literal["mean", "sum"] = "mean",
+                 impl: Literal["auto", "naive", "torch", "triton"] = "auto"):
         super().__init__()
         validate_router_args(num_experts, n_heads, top_k, d_query, top_k if k_prime is None else k_prime)
-        if impl not in IMPLS:
-            raise ConfigError(f"model.ffn.impl={impl}: must be one of {', '.join(IMPLS)}")
-        if head_reduce not in HEAD_REDUCE:
-            raise ConfigError(f"model.ffn.head_reduce={head_reduce}: must be one of {', '.join(HEAD_REDUCE)}")
-        for key, val in (("d_latent", d_latent), ("d_hidden", d_hidden), ("d_model", d_model)):
-            if val < 1:
-                raise ConfigError(f"model.ffn.{key}={val}: must be >= 1")
         if impl == "triton":
             check_triton()
         self.num_experts, self.n_heads, self.top_k = num_experts, n_heads, top_k
@@ -54,6 +49,20 @@ class LatentExperts(nn.Module):
         self.w_u = nn.Parameter(torch.randn(d_hidden, d_model) * d_hidden**-0.5)
         self.w_v = nn.Parameter(torch.randn(d_hidden, d_model) * 0.02)
         self.stats: dict[str, Tensor] = {}
+
+    @staticmethod
+    def flops(d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8, d_query: int = 128,
+              d_latent: int = 64, d_hidden: int = 256, impl: str = "auto", *, tokens: int, **_) -> float:
+        """Forward FLOPs per token of the path that runs, for a forward over `tokens` tokens (the
+        hidden table is built once per forward when it is cheaper, so its cost is shared by them)."""
+        router = ProductKeyRouter.flops(d_model, num_experts, n_heads, top_k, d_query)
+        sel = n_heads * top_k
+        if impl == "naive":  # per selection: g = GELU(z W1), u = W_u g, v = W_v^T g, u . x, a v
+            return router + sel * 2 * (d_latent * d_hidden + 2 * d_hidden * d_model + 2 * d_model)
+        # reordered (torch / triton): x_p = W_u x and y = W_v^T t once per token; per selection
+        # g . x_p and a g in d_hid; g from the hidden table (all N once) or per selection
+        generate = num_experts / tokens if tokens * sel > num_experts else sel
+        return router + 2 * (2 * d_model * d_hidden + sel * 2 * d_hidden + generate * d_latent * d_hidden)
 
     def resolved_impl(self, device: torch.device) -> str:
         if self.impl == "auto":

@@ -7,25 +7,24 @@ BatchNorm on the queries. `impl="naive"` (default) is the usual gather + einsum 
 `impl="torch"` uses the same embedding-bag mixing kernels as ETHOS (no (T*H*k, d) gathers).
 """
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ethos.errors import ConfigError
-from ethos.kernels.latent_experts import ACTIVATIONS, expert_mix
+from ethos.kernels.latent_experts import expert_mix
 from ethos.models.moe.router import ProductKeyRouter
+from ethos.types import PositiveInt
 
 
 class PEER(nn.Module):
     custom_init = True  # Trunk leaves the init below alone
 
-    def __init__(self, d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8,
-                 d_query: int = 128, k_prime: int | None = None, activation: str = "gelu", impl: str = "naive"):
+    def __init__(self, d_model: int, num_experts: PositiveInt = 128**2, n_heads: PositiveInt = 4,
+                 top_k: PositiveInt = 8, d_query: PositiveInt = 128, k_prime: PositiveInt | None = None,
+                 activation: Literal["gelu", "relu"] = "gelu", impl: Literal["naive", "torch"] = "naive"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"model.ffn.activation={activation}: must be one of {', '.join(ACTIVATIONS)}")
-        if impl not in ("naive", "torch"):
-            raise ConfigError(f"model.ffn.impl={impl}: PEER supports naive or torch")
         self.router = ProductKeyRouter(d_model, num_experts, n_heads, top_k, d_query, k_prime)
         self.num_experts, self.activation, self.impl = num_experts, activation, impl
         # u ~ 1/sqrt(d) keeps u . x ~ O(1) for unit-RMS x; v small (0.02) like a GPT residual branch
@@ -34,6 +33,13 @@ class PEER(nn.Module):
         nn.init.normal_(self.down.weight, std=d_model**-0.5)
         nn.init.normal_(self.up.weight, std=0.02)
         self.stats: dict[str, Tensor] = {}
+
+    @staticmethod
+    def flops(d_model: int, num_experts: int = 128**2, n_heads: int = 4, top_k: int = 8, d_query: int = 128,
+              **_) -> int:
+        """Forward FLOPs per token: router + per selected expert u_i . x and s_i act(.) v_i (2d each)."""
+        router = ProductKeyRouter.flops(d_model, num_experts, n_heads, top_k, d_query)
+        return router + n_heads * top_k * 2 * 2 * d_model
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         B, T, d = x.shape

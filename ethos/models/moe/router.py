@@ -28,8 +28,6 @@ def validate_router_args(num_experts: int, n_heads: int, top_k: int, d_query: in
             f"model.ffn.num_experts={num_experts}: must be a perfect square (e.g. {near} = "
             f"{math.isqrt(near)}^2)"
         )
-    if n_heads < 1:
-        raise ConfigError(f"model.ffn.n_heads={n_heads}: must be >= 1")
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"model.ffn.top_k={top_k}: must be in [1, num_experts={num_experts}]")
     if d_query < 2 or d_query % 2:
@@ -83,6 +81,12 @@ class ProductKeyRouter(nn.Module):
         self.norm = MaskedBatchNorm1d(n_heads * d_query)
         # q halves are ~unit variance after BN, so std (d_query/2)^-1/2 gives O(1) sub-scores
         self.sub_keys = nn.Parameter(torch.randn(n_heads, 2, self.n_sub, d_query // 2) * (d_query / 2) ** -0.5)
+
+    @staticmethod
+    def flops(d_model: int, num_experts: int, n_heads: int, top_k: int, d_query: int, **_) -> int:
+        """Forward FLOPs per token: the query projection and the 2 * sqrt(N) sub-key scores per head
+        (top-k over k'^2 candidate sums are comparisons and adds, not counted)."""
+        return 2 * n_heads * d_query * (d_model + math.isqrt(num_experts))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         T = x.shape[0]
