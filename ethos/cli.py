@@ -73,6 +73,10 @@ def check_across_groups(cfg: DictConfig) -> None:
 
     if cfg.trainer.get("max_steps") is None:
         raise ConfigError("trainer.max_steps=null: pretraining is step-based, set a positive number of steps")
+    if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in str(cfg.trainer.precision):
+        raise ConfigError(f"optim.fused=true: Lightning cannot clip the gradients of a fused optimizer under "
+                          f"trainer.precision={cfg.trainer.precision} (trainer.gradient_clip_val="
+                          f"{cfg.trainer.gradient_clip_val}); set optim.fused=null or trainer.gradient_clip_val=null")
     if modality(cfg) == "text" and cfg.model.learned_pos and cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len}: longer than model.max_seq_len={cfg.model.max_seq_len}"
                           " (the learned position table); raise model.max_seq_len or lower data.seq_len")

@@ -98,6 +98,7 @@ BAD_VALUES = [
     (["seed=abc"], "seed='abc': must be an integer >= 0"),
     (["resume=maybe"], "resume='maybe': must be one of 'auto', 'never'"),
     (["+model.bogus=1"], "model.bogus: unknown key for ethos.models.config.ModelConfig"),
+    (["trainer=gpu", "optim.fused=true"], "optim.fused=true: Lightning cannot clip the gradients of a fused"),
 ]
 
 

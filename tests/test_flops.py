@@ -213,3 +213,20 @@ def test_short_run_logs_throughput_from_the_closed_form(cache_dir, tmp_path, cap
     # the model summary shows the closed-form forward FLOPs of a batch, not Lightning's 0
     out = capsys.readouterr().out
     assert f"Total FLOPs: {get_human_readable_count(int(fwd_per_token * B * T))}" in out, out[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="MFU needs a CUDA device (its peak FLOP/s is known)")
+def test_gpu_run_logs_mfu(cache_dir, tmp_path):
+    from lightning.fabric.utilities.throughput import get_available_flops
+    from test_train import metrics
+
+    from ethos.cli import train
+
+    cfg = compose(["debug=tiny", "logger=csv", "trainer=gpu", "trainer.max_steps=12", "trainer.log_every_n_steps=1",
+                   "callbacks.throughput.window_size=3"], output_dir=tmp_path)
+    train(cfg)
+    m = metrics(tmp_path)
+    peak = get_available_flops(torch.device("cuda"), torch.bfloat16)  # trainer=gpu: bf16-mixed
+    assert m["perf/mfu"] and peak, (m.get("perf/mfu"), peak)
+    for (_, mfu), (_, flops) in zip(m["perf/mfu"], m["perf/flops_per_sec"]):
+        assert 0 < mfu < 1 and mfu == pytest.approx(flops / peak, rel=1e-4)

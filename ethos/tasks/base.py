@@ -24,7 +24,7 @@ class OptimConfig:
     warmup: NonNegativeFloat = 0.1  # < 1: fraction of max_steps; >= 1: steps
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     min_lr_ratio: HalfOpenUnit = 0.0  # the decay ends at lr * min_lr_ratio
-    fused: bool | None = None  # None = fused AdamW on CUDA
+    fused: bool | None = None  # None = fused AdamW on CUDA unless gradients are clipped under AMP
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -38,6 +38,12 @@ def decays(module: nn.Module, name: str) -> bool:
     if isinstance(module, PROJECTIONS):
         return name == "weight"
     return name in getattr(module, "projections", ())
+
+
+def clips_under_amp(trainer) -> bool:
+    """Lightning refuses to clip the gradients of a fused optimizer under mixed precision (it unscales
+    them inside its step), so the default on CUDA falls back to the foreach AdamW when clipping."""
+    return bool(getattr(trainer, "gradient_clip_val", None)) and "mixed" in str(getattr(trainer, "precision", ""))
 
 
 def schedule(optimizer: torch.optim.Optimizer, o: OptimConfig, total: int):
@@ -83,7 +89,7 @@ class Task(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        fused = o.fused if o.fused is not None else (self.device.type == "cuda" and not clips_under_amp(self.trainer))
         opt = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
         total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0
                     else self.trainer.estimated_stepping_batches)
