@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ethos.config import register_resolvers, validate
+from ethos.config import register_resolvers, run_dir_name, validate
 from ethos.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -42,6 +42,24 @@ def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
     if cfg.resume == "auto" and last.is_file():
         return str(last)
     return None
+
+
+RUN_STATE = ("checkpoints", "csv", "wandb", "wandb_id.txt")  # what a fresh run must not continue
+
+
+def set_aside_previous_run(out_dir: Path) -> None:
+    """resume=never in a used run dir: a fresh run, with its own logs and W&B run. The previous run's
+    checkpoints and logs are moved to <run dir>/previous/<time>/, not deleted."""
+    import time
+
+    found = [out_dir / name for name in RUN_STATE if (out_dir / name).exists()]
+    if not found:
+        return
+    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        path.rename(dest / path.name)
+    log.warning(f"resume=never: the previous run's {', '.join(p.name for p in found)} moved to {dest}")
 
 
 def build_model_config(cfg: DictConfig):
@@ -100,6 +118,16 @@ def one_line_per_message() -> None:
         tips.addFilter(no_tips)
 
 
+def in_batches(trainer_cfg: DictConfig) -> dict:
+    """Our `val_check_interval` counts optimizer steps; Lightning's counts training batches (micro-batches),
+    so under gradient accumulation it is scaled. (ModelCheckpoint's every_n_train_steps already counts
+    optimizer steps: Lightning's global_step.)"""
+    accum, every = trainer_cfg.get("accumulate_grad_batches") or 1, trainer_cfg.get("val_check_interval")
+    if accum > 1 and isinstance(every, int):  # a float is a fraction of the run: no unit to convert
+        return {"val_check_interval": every * accum}
+    return {}
+
+
 def train(cfg: DictConfig) -> float | None:
     from ethos.config import instantiate
 
@@ -108,6 +136,8 @@ def train(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = find_resume_ckpt(cfg, out_dir)
+    if cfg.resume == "never" and not cfg.ckpt_path:
+        set_aside_previous_run(out_dir)
 
     import lightning as L
 
@@ -120,7 +150,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)  # constructors only check arguments; nothing is read yet
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **in_batches(cfg.trainer))
     try:
         datamodule.prepare_data()
         datamodule.setup("fit")
@@ -132,9 +162,9 @@ def train(cfg: DictConfig) -> float | None:
         elif cfg.validate_first:
             trainer.validate(task, datamodule=datamodule, verbose=False)  # the untrained baseline
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
-        if getattr(task, "interrupted", False):
+        if getattr(task, "interrupted", False):  # the exit status of the signal (GracefulStop): never 0
             log.warning(f"interrupted at step {trainer.global_step}: re-run the same command to resume")
-            sys.exit(130)
+            sys.exit(task.interrupted)  # SystemExit: a multirun job must not be recorded as a finished one
         history = getattr(task, "val_history", [])
         if history:
             log.info(f"val/loss {history[0][1]:.3f} (step {history[0][0]}) -> {history[-1][1]:.3f} "
@@ -152,7 +182,10 @@ def finish_wandb() -> None:
     except ImportError:
         return
     if wandb.run is not None:
-        wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+        try:
+            wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+        except Exception as e:  # e.g. SLURM's SIGTERM killed W&B's service too: must not mask the exit status
+            log.warning(f"W&B did not finish cleanly: {e!r}")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -170,7 +203,12 @@ def _main(cfg: DictConfig) -> float | None:
         if multirun:
             return None  # one bad job of a sweep must not stop the others
         sys.exit(2)
-    except Exception:
+    except Exception:  # not SystemExit: a job stopped by a signal exits non-zero so SLURM requeues it
+        from ethos.callbacks.resume import RECEIVED, exit_status
+
+        if RECEIVED["signum"]:  # whatever broke after a stop signal (the scheduler killing W&B's service,
+            log.exception("stopped by a signal")  # submitit out of requeues): not a finished job
+            sys.exit(exit_status(RECEIVED["signum"]))
         if multirun:
             log.exception("job failed; the sweep goes on")
             return None
@@ -187,7 +225,16 @@ def main() -> None:
     # Lightning's caveat about lengths of iterable datasets read by several workers does not apply
     warnings.filterwarnings("ignore", message=r".*IterableDataset.* has .__len__. defined")
     register_resolvers()
+    name_multirun(sys.argv[1:])
     _main()
+
+
+def name_multirun(args: list[str]) -> None:
+    """Hydra gives a multirun no name its jobs can read: name it after its overrides and pass that by
+    the environment (SLURM jobs inherit it), so that all its runs share one W&B group."""
+    if "-m" in args or "--multirun" in args:
+        overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")]
+        os.environ.setdefault("ETHOS_GROUP", run_dir_name(None, ",".join(overrides)))
 
 
 if __name__ == "__main__":

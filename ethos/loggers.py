@@ -1,6 +1,7 @@
 """Logger factories used from conf/logger/*.yaml."""
 
 import csv
+import logging
 import netrc
 import os
 import uuid
@@ -10,6 +11,9 @@ from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 
 def has_wandb_key() -> bool:
@@ -29,15 +33,50 @@ def wandb_logger(save_dir: str, project: str = "ethos", name: str | None = None,
     """
     mode = os.environ.get("WANDB_MODE", "")
     offline = mode in ("offline", "dryrun") or (mode != "disabled" and not has_wandb_key())
-    id_file = Path(save_dir) / "wandb_id.txt"
+    run_id = run_id_for(Path(save_dir))
+    if os.environ.get("WANDB_SWEEP_ID"):  # a sweep agent's run: its runs share the sweep's group
+        kwargs["group"] = f"sweep-{os.environ['WANDB_SWEEP_ID']}"
+    return ResilientWandbLogger(save_dir=save_dir, project=project, name=name or Path(save_dir).name, id=run_id,
+                                resume="allow", offline=offline, **kwargs)
+
+
+class ResilientWandbLogger(WandbLogger):
+    """W&B logging that cannot take the run down: when its service process is gone (SLURM's SIGTERM on a
+    requeue reaches every process of the job, W&B's too), warn once and log nothing more to W&B, so the
+    checkpoint is still saved; the resumed run continues the same W&B run."""
+
+    _lost = False
+
+    def _guard(self, fn, *args, **kwargs):
+        if self._lost:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except (ConnectionError, BrokenPipeError) as e:
+            self._lost = True
+            log.warning(f"W&B stopped answering ({e!r}): no more W&B logging in this process")
+            return None
+
+    def log_metrics(self, metrics, step=None):
+        return self._guard(super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params):
+        return self._guard(super().log_hyperparams, params)
+
+    def finalize(self, status):
+        return self._guard(super().finalize, status)
+
+
+def run_id_for(run_dir: Path) -> str:
+    """The run dir's W&B run id, kept in wandb_id.txt. Under a sweep agent the agent chose the id (it
+    sets WANDB_RUN_ID and waits for that run): it wins and is recorded, so a resume keeps it."""
+    id_file = run_dir / "wandb_id.txt"
     id_file.parent.mkdir(parents=True, exist_ok=True)
-    if id_file.exists():
-        run_id = id_file.read_text().strip()
-    else:
-        run_id = uuid.uuid4().hex[:12]
+    run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else "")
+    run_id = run_id or uuid.uuid4().hex[:12]
+    if not id_file.exists() or id_file.read_text().strip() != run_id:
         id_file.write_text(run_id)
-    return WandbLogger(save_dir=save_dir, project=project, name=name or Path(save_dir).name, id=run_id,
-                       resume="allow", offline=offline, **kwargs)
+    return run_id
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -63,6 +102,7 @@ class CSVLogger(_CSVLogger):
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
 
+    @rank_zero_only  # the file is rank 0's; other ranks' `experiment` is a dummy
     def drop_after(self, step: int) -> None:
         path = Path(self.experiment.metrics_file_path)
         if not path.exists():

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, compose
 from ethos.cli import check
-from ethos.tasks.base import OptimConfig, schedule
+from ethos.tasks.base import LRSchedule, OptimConfig, schedule
 from ethos.tasks.registry import task_for
 
 # Every parameter of every model must match patterns of exactly one of the two lists: the rule, spelled
@@ -137,3 +137,40 @@ def test_task_wires_schedule_and_groups(tmp_path):
         sched.step()
     expect = [task.optim.lr * reference_lr(s, 20, 4, "cosine", 0.1) for s in range(20)]
     assert lrs == pytest.approx(expect, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup,min_ratio", [(0.1, 0.0), (7, 0.1), (0.0, 0.0)])
+def test_schedule_equals_transformers(kind, warmup, min_ratio):
+    """Ours, value by value, against transformers' schedulers of the same shape."""
+    from transformers import get_scheduler
+
+    o = OptimConfig(lr=1e-3, warmup=warmup, schedule=kind, min_lr_ratio=min_ratio)
+    total = 40
+    w = int(warmup * total) if warmup < 1 else int(warmup)
+    name, kwargs = {"linear": ("polynomial", {"lr_end": o.lr * min_ratio, "power": 1.0}),
+                    "cosine": ("cosine_with_min_lr", {"min_lr_rate": min_ratio}),
+                    "constant": ("constant_with_warmup", {})}[kind]
+    ours = schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr), o, total)
+    ref = get_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr), num_warmup_steps=w,
+                        num_training_steps=total, scheduler_specific_kwargs=kwargs)
+    for step in range(total + 1):  # (past the end transformers' cosine rises again; ours stays at the floor)
+        assert ours.lr_lambdas[0](step) == pytest.approx(ref.lr_lambdas[0](step), abs=1e-12), step
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_extension_continues_without_a_jump(kind):
+    f = LRSchedule(kind, warmup=10, total=100, min_ratio=0.1)
+    before = [f(s) for s in range(60)]
+    state = dict(f.__dict__)  # what LambdaLR saves in the checkpoint
+    g = LRSchedule(kind, warmup=20, total=200, min_ratio=0.1)  # as rebuilt by the resumed run ...
+    g.__dict__.update(state)  # ... then restored from the checkpoint ...
+    g.extend(60, 200)  # ... and re-targeted to the new max_steps
+    steps = [abs(f(s + 1) - f(s)) for s in range(10, 99)]
+    assert abs(g(60) - before[-1]) <= max(steps) + 1e-12 and g(60) == pytest.approx(f(60))
+    after = [g(s) for s in range(60, 201)]
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:])) and after[-1] == pytest.approx(0.1)
+    assert after[20] > f(80)  # the remaining decay is stretched over the longer run
+    finished = LRSchedule(kind, warmup=10, total=100, min_ratio=0.1)
+    finished.extend(100, 150)  # extended after the end: stays at the floor (no jump back up)
+    assert finished(100) == finished(150) == pytest.approx(0.1)

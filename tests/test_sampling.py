@@ -43,7 +43,7 @@ def ref_permute(i: int, n: int, key: int) -> int:
 
 
 def all_batches(s: StepBatchSampler) -> list[list[int]]:
-    return [[i for _, i in batch] for batch in s]
+    return [[i for *_, i in batch] for batch in s]  # keys (micro-batch, global position, sample index)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 17, 1000, 4097, 2**16 + 3, 2**20 - 1])
@@ -100,9 +100,9 @@ def test_start_resumes_exactly_across_passes_and_chunks(start):
     full = list(StepBatchSampler(**kw))
     tail = list(StepBatchSampler(**kw, start=start))
     assert tail == full[start:]
-    assert [b for b, _ in tail[0]] == [start] * 8  # the batch id (MLM mask seed) is the global one
+    assert [b for b, *_ in tail[0]] == [start] * 8  # the batch id (MLM mask seed) is the global one
     s = StepBatchSampler(**kw)
-    assert [[i for _, i in x] for x in full] == [s.batch(b) for b in range(230)]
+    assert [[i for *_, i in x] for x in full] == [s.batch(b) for b in range(230)]
 
 
 @pytest.mark.parametrize("n", [10**6, 35 * 10**6, 2**26 + 1, 10**12])
@@ -119,7 +119,7 @@ def test_cost_per_batch_does_not_grow_with_the_corpus(n, monkeypatch):
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: pytest.fail("randperm called"))
     bs, batches = 32, 256
     s = StepBatchSampler(n, bs, batches, seed=1, start=0)
-    rows = [[i for _, i in b] for b in s]
+    rows = [[i for *_, i in b] for b in s]
     assert len(rows) == batches and all(0 <= i < n for r in rows for i in r)
     assert len({i for r in rows for i in r}) == bs * batches  # one pass: no repeats
     # the Feistel domain is < 4n, so a cycle walk takes < 4 evaluations on average
@@ -128,16 +128,19 @@ def test_cost_per_batch_does_not_grow_with_the_corpus(n, monkeypatch):
 
 # -- end to end: training resumed across a data pass equals training straight through ----------------
 class SignalAt(L.Callback):
-    """Sends SIGINT after micro-batch `step` (GracefulStop saves after the next one) and keeps a copy of
-    the checkpoint GracefulStop wrote then, before on_train_end overwrites last.ckpt."""
+    """Sends SIGINT after the validation at step `step` (ModelCheckpoint has saved; GracefulStop saves after
+    the next training step) and keeps a copy of the checkpoint GracefulStop wrote then, before on_train_end
+    overwrites last.ckpt. (A signal during the validation itself would save at once, without a best-step*.)"""
 
     def __init__(self, step: int, dirpath: str):
         self.step, self.dir = step, Path(dirpath)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGINT)
-        elif trainer.global_step == self.step + 1 and trainer.should_stop:
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1 and trainer.should_stop:
             shutil.copy(self.dir / "last.ckpt", self.dir / f"stop{trainer.global_step}.ckpt")
 
 

@@ -21,6 +21,7 @@ from conftest import compose, run_cli
 from ethos.cli import train
 from ethos.config import instantiate
 from ethos.data.hub import DataUnavailable, TextFilesDataModule, WikipediaDataModule, WikiText103DataModule
+from ethos.data.sampling import sample_seed
 from ethos.data.text import Blocks, MLMCollator, pack, train_tokenizer
 from ethos.errors import ConfigError
 
@@ -71,14 +72,18 @@ def test_truncate_mode_pads_and_reports_padding(tok):
 
 
 def test_mlm_masks_match_transformers_with_the_same_seed(tok):
-    """The collator change (explicit special-token mask) keeps the masks of earlier runs."""
+    """Each row is transformers' masking of that row alone, seeded by (seed, micro-batch, global position);
+    without a position the row in the batch is the position (one process)."""
     blocks, _ = pack(Dataset.from_dict({"text": sentences(200)}), tok, 16)
     items = [{"input_ids": r, "batch_idx": 7} for r in blocks["input_ids"][:8]]
     ours = MLMCollator(tok, seed=3, seq_len=16)(items)
     ref = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")
-    ref.generator = torch.Generator().manual_seed(hash((3, 7)) & ((1 << 62) - 1))
-    ids, labels = ref.torch_mask_tokens(torch.tensor([it["input_ids"] for it in items]))
-    assert torch.equal(ours["input_ids"], ids) and torch.equal(ours["labels"], labels)
+    for r, it in enumerate(items):
+        ref.generator = torch.Generator().manual_seed(sample_seed(3, 7, r))
+        ids, labels = ref.torch_mask_tokens(torch.tensor([it["input_ids"]]))
+        assert torch.equal(ours["input_ids"][r], ids[0]) and torch.equal(ours["labels"][r], labels[0])
+    at = MLMCollator(tok, seed=3, seq_len=16)([{**it, "batch_pos": 8 + r} for r, it in enumerate(items)])
+    assert not torch.equal(at["labels"] != -100, ours["labels"] != -100)  # other positions, other masks
 
 
 def test_whole_word_masking_masks_all_pieces_together(tok):

@@ -9,7 +9,11 @@ of scoring a substitute twice. A run never stops mid-epoch on a bad file.
 
 Augmentation is seeded per item from (seed, micro-batch id, index), and mixup per micro-batch, so a
 resumed run sees exactly the images an uninterrupted one would (the loader uses the same
-StepBatchSampler as text).
+StepBatchSampler as text). The index of a sample identifies its position in the global batch (no
+sample repeats within one), so augmentation also differs across ranks and does not depend on the
+world size. Mixup cannot: timm pairs the images of one micro-batch (the batch and its flip), so a
+process's pairs depend on its micro-batch; it is seeded by (micro-batch id, this rank's first
+position), so ranks draw different mixing factors.
 """
 
 import io
@@ -26,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
 
-from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position
+from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position, split_key
 from ethos.errors import ConfigError
 from ethos.types import Gt, HalfOpenUnit, Le, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
@@ -181,7 +185,7 @@ class ImageSet(Dataset):
         return len(self.source)
 
     def __getitem__(self, key) -> dict:
-        b, i = key if isinstance(key, tuple) else (-1, key)
+        b, pos, i = split_key(key)
         n = len(self.source)
         for k in range(min(n, MAX_CONSECUTIVE_BAD)):
             j = (i + k) % n
@@ -199,7 +203,7 @@ class ImageSet(Dataset):
                 x = self.transform(img)
         else:
             x = self.transform(img)
-        return {"image": x, "label": self.source.labels[j], "skipped": k, "batch_idx": b}
+        return {"image": x, "label": self.source.labels[j], "skipped": k, "batch_idx": b, "batch_pos": pos}
 
 
 class Collate:
@@ -219,7 +223,8 @@ class Collate:
         y = torch.tensor([it["label"] for it in items], dtype=torch.long)
         out = {"image": x, "label": y, "skipped": skipped}
         if self.train and self.mixup is not None:
-            with seeded(_mix(self.seed, items[0]["batch_idx"], 1 << 32)):
+            first = max(0, items[0].get("batch_pos", 0))  # this rank's first position in the global batch
+            with seeded(_mix(self.seed, items[0]["batch_idx"], 1 << 32, first)):
                 out["image"], out["target"] = self.mixup(x, y)
         return out
 

@@ -3,7 +3,12 @@
 Pretraining is step-based, so the train loader is one "epoch" as long as the whole run: the sampler
 walks through seeded per-pass permutations of the data and starts at the micro-batch the restored
 global step points to. Resuming therefore neither repeats nor skips data, with any number of
-workers, and MLM masking is seeded per micro-batch so a resumed run sees exactly the same batches.
+workers.
+
+Under DDP, rank r of W takes the r-th slice of each global micro-batch, and every key carries the
+sample's position in the global batch: MLM masks and augmentation are seeded by (seed, b, position)
+(`sample_seed`), so ranks draw different masks and W processes with micro-batch m see exactly what
+one process with micro-batch W*m sees, and a resumed run exactly what an uninterrupted one saw.
 
 The per-pass permutation is never materialised: position k of pass p maps to sample
 `permute(k, n, pass_key(seed, p))`, a keyed bijection of [0, n) evaluated for the indices of one
@@ -33,6 +38,29 @@ def pass_key(seed: int, p: int) -> int:
     """The key of data pass p: distinct (seed, pass) pairs give unrelated permutations."""
     x = np.array([(seed * 0x9E3779B97F4A7C15 + p) & _M64], dtype=np.uint64)
     return int(mix64(mix64(x) ^ np.uint64(0x5851F42D4C957F2D))[0])
+
+
+def sample_seed(seed: int, b: int, pos: int) -> int:
+    """A 63-bit seed for the sample at position `pos` of global micro-batch b (splitmix64 steps in plain
+    Python: a call per sample costs ~1 us; stable across processes, unlike hash() of a str)."""
+    x = 0
+    for v in (seed, b, pos):
+        x = (x ^ (v & _M64)) * 0x9E3779B97F4A7C15 & _M64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
+        x ^= x >> 31
+    return x >> 1
+
+
+def split_key(key) -> tuple[int, int, int]:
+    """(micro-batch, position in the global batch, sample index) from a sampler's key. A plain index
+    (no sampler of ours) has neither; a (batch, index) pair has no position: collators then use the
+    row within the batch, which is the global position on one process."""
+    if not isinstance(key, tuple):
+        return -1, -1, key
+    if len(key) == 2:
+        return key[0], -1, key[1]
+    return key
 
 
 def _half_bits(n: int) -> int:
@@ -68,8 +96,13 @@ def permute(idx, n: int, key: int) -> np.ndarray:
     return x
 
 
-class StepBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Global micro-batch b: positions of pass p = b // per_pass, through that pass's bijection."""
+class StepBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Global micro-batch b: positions of pass p = b // per_pass, through that pass's bijection.
+
+    Yields keys (b, position in the global batch, sample index). Lightning must not wrap it in a
+    DistributedSampler (`use_distributed_sampler: false` in conf/trainer/default.yaml): it splits
+    the global batch between ranks itself, from the rank and world size given.
+    """
 
     CHUNK = 64  # micro-batches drawn per call while iterating
 
@@ -106,14 +139,16 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             out[rows] = permute(pos[rows].ravel(), self.n, pass_key(self.seed, int(q))).reshape(-1, self.bs)
         return out
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        first = self.rank * self.bs  # this rank's first position in the global batch
         for c in range(self.start, self.total, self.CHUNK):
             for b, row in enumerate(self.batches(c, min(c + self.CHUNK, self.total)).tolist(), start=c):
-                yield [(b, i) for i in row]
+                yield [(b, first + r, i) for r, i in enumerate(row)]
 
 
 class Indexed(Dataset):
-    """Wraps a map-style dataset of dicts so that items fetched by (batch, index) carry the batch id."""
+    """Wraps a map-style dataset of dicts so that items fetched by a sampler's key carry the micro-batch
+    id and the position in the global batch (what the collator seeds masks with)."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -122,12 +157,14 @@ class Indexed(Dataset):
         return len(self.ds)
 
     def __getitem__(self, key):
-        b, i = key if isinstance(key, tuple) else (-1, key)
-        return {**self.ds[i], "batch_idx": b}
+        b, pos, i = split_key(key)
+        return {**self.ds[i], "batch_idx": b, "batch_pos": pos}
 
 
-class EvalBatchSampler(Sampler[list[tuple[int, int]]]):
-    """In-order batches (keeps the last partial one); ids offset so eval masks differ from train's."""
+class EvalBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """In-order batches (keeps the last partial one). Keys (OFFSET, i, i): an evaluation sample's mask
+    is a function of the sample alone, so the validation loss depends on neither the world size nor
+    the eval batch size; the offset keeps eval masks apart from train's (b < OFFSET)."""
 
     OFFSET = 1 << 40
 
@@ -138,9 +175,9 @@ class EvalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __len__(self) -> int:
         return (len(self.idx) + self.bs - 1) // self.bs
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         for b in range(len(self)):
-            yield [(self.OFFSET + b, i) for i in self.idx[b * self.bs:(b + 1) * self.bs]]
+            yield [(self.OFFSET, i, i) for i in self.idx[b * self.bs:(b + 1) * self.bs]]
 
 
 def run_position(trainer) -> dict:

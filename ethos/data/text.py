@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
-from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler, run_position
+from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler, run_position, sample_seed
 from ethos.errors import ConfigError
 from ethos.types import Ge, NonNegativeInt, OpenUnit, PositiveInt
 
@@ -151,12 +151,11 @@ def pad_batch(items: list[dict], seq_len: int, pad_id: int, key: str = "input_id
     return out, attn
 
 
-def _batch_seed(seed: int, b: int) -> int:
-    return hash((seed, b)) & ((1 << 62) - 1)
-
-
 class MLMCollator:
-    """transformers' MLM masking (15%, 80/10/10), seeded per batch id so resumed runs match exactly.
+    """transformers' MLM masking (15%, 80/10/10), one row at a time, each seeded by (seed, micro-batch
+    id, position in the global batch): resumed runs match exactly, ranks draw different masks, and any
+    world size masks a sample as one process would (ethos/data/sampling.py). Items without a batch id
+    (no sampler of ours) are masked from the global RNG.
 
     whole_word_mask: all pieces of a word are masked together (BERT's WWM). transformers 5 finds
     words from `offset_mapping` (a new word where a token does not start at the previous token's
@@ -179,19 +178,26 @@ class MLMCollator:
         self.special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
 
     def __call__(self, items: list[dict]) -> dict:
-        b = items[0].get("batch_idx", -1)
-        if b >= 0:
-            self.collator.generator = torch.Generator().manual_seed(_batch_seed(self.seed, b))
         ids, attn = pad_batch(items, self.seq_len or max(len(it["input_ids"]) for it in items), self.pad)
-        special = torch.isin(ids, self.special) | (attn == 0)  # == tokenizer.get_special_tokens_mask
+        special = (torch.isin(ids, self.special) | (attn == 0)).long()  # == tokenizer.get_special_tokens_mask
         offsets = None
         if self.wwm:
             ws, _ = pad_batch(items, ids.shape[1], 1, key="word_start")
             start = torch.arange(ids.shape[1]) + ws.cumsum(1)  # gap before every word start
             offsets = torch.stack([start, start + 1], dim=-1)
-        out = self.collator.torch_mask_tokens(ids.clone(), special_tokens_mask=special.long(),
-                                              offset_mapping=offsets)
-        return {"input_ids": out[0], "labels": out[1], "attention_mask": attn}
+        if items[0].get("batch_idx", -1) < 0:
+            self.collator.generator = None
+            inputs, labels = self.collator.torch_mask_tokens(ids.clone(), special, offsets)
+            return {"input_ids": inputs, "labels": labels, "attention_mask": attn}
+        inputs, labels = ids.clone(), ids.clone()
+        for r, it in enumerate(items):
+            pos = it.get("batch_pos", -1)
+            pos = r if pos < 0 else pos  # no position: the row (= the global position on one process)
+            self.collator.generator = torch.Generator().manual_seed(sample_seed(self.seed, it["batch_idx"], pos))
+            row = slice(r, r + 1)
+            inputs[row], labels[row] = self.collator.torch_mask_tokens(
+                ids[row].clone(), special[row], None if offsets is None else offsets[row])
+        return {"input_ids": inputs, "labels": labels, "attention_mask": attn}
 
 
 class CLMCollator:
@@ -212,7 +218,9 @@ class StreamBlocks(torch.utils.data.IterableDataset):
     (seed, epoch, window index), then tokenised and packed `doc_batch` documents at a time (the tail
     of each doc batch, < one block, is dropped). Micro-batch b is the b-th run of `batch_size`
     consecutive blocks, masked with seed b as in the cached path. Passes repeat until `total`
-    micro-batches (train), or the stream is read once (evaluation, `total=None`).
+    micro-batches (train), or the stream is read once (evaluation, `total=None`). Under DDP each rank
+    reads its own shards, so its rows take positions rank * batch_size + row of the global batch
+    (masks differ across ranks; the data itself depends on the world size, unlike the cached path).
 
     `state_dict()` is the position after the last yielded micro-batch: b, the epoch, the reader's
     (HF IterableDataset) state at the start of the current window, the window's index, the doc batch
@@ -223,13 +231,13 @@ class StreamBlocks(torch.utils.data.IterableDataset):
 
     def __init__(self, docs: IterableDataset, blocks: Blocks, collate, batch_size: int, total: int | None = None,
                  id_offset: int = 0, window: int = 10_000, shuffle: bool = False, seed: int = 0,
-                 doc_batch: int = 256, start: int = 0):
+                 doc_batch: int = 256, start: int = 0, rank: int = 0):
         # our own copy: HF keeps a reader's position in its (shared) iterable objects, so reading the
         # validation split (a `take` of the same files) in between would move this stream's position
         self.docs = copy.deepcopy(docs)
         self.blocks, self.collate, self.bs = blocks, collate, batch_size
         self.total, self.id_offset, self.window, self.shuffle = total, id_offset, window, shuffle
-        self.seed, self.doc_batch, self.start = seed, doc_batch, start
+        self.seed, self.doc_batch, self.start, self.rank = seed, doc_batch, start, rank
         self._resume: dict | None = None
         self._state: dict | None = None
 
@@ -292,11 +300,15 @@ class StreamBlocks(torch.utils.data.IterableDataset):
             items = list(itertools.islice(blocks, self.bs))
             if len(items) < self.bs:
                 if items and self.total is None:  # evaluation keeps the last partial batch
-                    yield self.collate([{**it, "batch_idx": self.id_offset + b} for it in items])
+                    yield self.collate(self._keyed(items, b))
                 return
             self._state = {**pos, "b": b + 1}  # set before the yield: a loader saves it right after
-            yield self.collate([{**it, "batch_idx": self.id_offset + b} for it in items])
+            yield self.collate(self._keyed(items, b))
             b += 1
+
+    def _keyed(self, items: list[dict], b: int) -> list[dict]:
+        first = self.rank * self.bs  # this rank's rows in the global batch
+        return [{**it, "batch_idx": self.id_offset + b, "batch_pos": first + r} for r, it in enumerate(items)]
 
 
 class StreamLoader(StatefulDataLoader):
@@ -487,7 +499,7 @@ class TextDataModule(L.LightningDataModule):
         if pos["world_size"] > 1:
             docs = split_dataset_by_node(docs, rank=pos["rank"], world_size=pos["world_size"])
         blocks = Blocks(self.tokenizer, self.seq_len, self.packing, self.whole_word_mask)
-        return StreamBlocks(docs, blocks, self.collate(), seed=self.seed, **kw)
+        return StreamBlocks(docs, blocks, self.collate(), seed=self.seed, rank=pos["rank"], **kw)
 
     def train_dataloader(self) -> DataLoader:
         pos = run_position(self.trainer)

@@ -1,5 +1,6 @@
 """What every task shares: AdamW with one weight-decay rule, warm-up + decay schedule, counts."""
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,18 +47,41 @@ def clips_under_amp(trainer) -> bool:
     return bool(getattr(trainer, "gradient_clip_val", None)) and "mixed" in str(getattr(trainer, "precision", ""))
 
 
-def schedule(optimizer: torch.optim.Optimizer, o: OptimConfig, total: int):
-    """Warm-up then linear / cosine decay to lr * min_lr_ratio, or constant: transformers' schedulers."""
-    from transformers import get_scheduler
+class LRSchedule:
+    """lr / peak at a step: linear warm-up from 0, then linear or cosine decay to `min_ratio` at `total`,
+    or constant. The values of transformers' `polynomial` (power 1), `cosine_with_min_lr` and
+    `constant_with_warmup` schedules (tested value by value), plus one thing they lack: `extend`.
 
+    An object, not a function: LambdaLR saves a callable object's attributes with its state, so the
+    checkpoint holds where the decay started and what it aims at.
+    """
+
+    def __init__(self, kind: str, warmup: int, total: int, min_ratio: float = 0.0):
+        self.kind, self.warmup, self.total, self.min_ratio = kind, warmup, total, min_ratio
+        self.start, self.start_factor = warmup, 1.0  # the decay runs from (start, start_factor) to total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        p = min(1.0, (step - self.start) / max(1, self.total - self.start))
+        shape = 1 - p if self.kind == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+        return self.min_ratio + (self.start_factor - self.min_ratio) * shape
+
+    def extend(self, step: int, total: int) -> None:
+        """A resumed run with another max_steps: from the factor reached at `step`, the same decay runs to
+        the floor at the new `total`; the LR does not jump (it was at the floor if the run had finished)."""
+        if total == self.total:
+            return
+        if step > self.start:
+            self.start, self.start_factor = step, self(step)
+        self.total = total
+
+
+def schedule(optimizer: torch.optim.Optimizer, o: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = int(o.warmup * total) if o.warmup < 1 else int(o.warmup)
-    name, kwargs = {
-        "linear": ("polynomial", {"lr_end": o.lr * o.min_lr_ratio, "power": 1.0}),  # power 1 = linear
-        "cosine": ("cosine_with_min_lr", {"min_lr_rate": o.min_lr_ratio}),
-        "constant": ("constant_with_warmup", {}),
-    }[o.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total,
-                         scheduler_specific_kwargs=kwargs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(o.schedule, warmup, total, o.min_lr_ratio))
 
 
 class Task(L.LightningModule):
@@ -134,8 +158,25 @@ class Task(L.LightningModule):
             counts[f"params/layer{i}/attention"] = layer["params/attention"]
         return counts
 
+    def on_train_start(self) -> None:
+        # after a resume the scheduler holds the checkpoint's schedule: re-target it to this run's length
+        for config in self.trainer.lr_scheduler_configs:
+            for fn in getattr(config.scheduler, "lr_lambdas", []):
+                if isinstance(fn, LRSchedule):
+                    fn.extend(self.global_step, max(1, self.trainer.max_steps))
+
+    def effective_batch_size(self) -> int | None:
+        """Samples per optimizer step: micro-batch x gradient accumulation x world size."""
+        micro = getattr(self.trainer.datamodule, "batch_size", None)
+        return None if micro is None else micro * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
     def on_fit_start(self) -> None:
         counts = self.param_counts()
+        batch = self.effective_batch_size()
         for logger in self.loggers:
             logger.log_hyperparams(counts)
-        self.print("  ".join(f"{k.split('/')[-1]}: {v / 1e6:.2f}M" for k, v in counts.items() if "layer" not in k))
+            if batch is not None:  # a hyperparameter, and a metric so that it shows beside the curves
+                logger.log_hyperparams({"trainer/effective_batch_size": batch})
+                logger.log_metrics({"trainer/effective_batch_size": batch}, step=self.global_step)
+        self.print("  ".join(f"{k.split('/')[-1]}: {v / 1e6:.2f}M" for k, v in counts.items() if "layer" not in k)
+                   + ("" if batch is None else f"  effective batch: {batch}"))

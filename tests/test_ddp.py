@@ -1,0 +1,145 @@
+"""Data parallel on CPU (gloo): 2 processes with micro-batch m train as 1 process with 2m, masks differ by
+rank but not by world size, and a 2-process run stopped by a signal resumes to the same state."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import ROOT, compose
+from ethos.cli import in_batches, train
+from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler
+from ethos.data.text import Blocks, MLMCollator, StreamBlocks, pack, train_tokenizer
+
+STEPS = 6
+# CLM: every row of a packed block has the same number of targets, so the mean of the two ranks' losses
+# (DDP averages gradients) is the loss of the global batch. MLM masks ~15% per row, a different count per
+# rank: its per-rank token means weight the ranks' tokens differently, so MLM is compared at the masks.
+COMMON = ["debug=tiny", "logger=csv", "objective=clm", "model.dropout=0", "validate_first=false",
+          f"trainer.val_check_interval={STEPS}", "callbacks.checkpoint.every_n_train_steps=2",
+          "optim.schedule=constant", "optim.warmup=0", "print_config=false", "trainer.precision=32-true"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]
+
+
+def run_ddp(tmp: Path, name: str, steps: int, extra=()) -> subprocess.CompletedProcess:
+    """train.py under Lightning's ddp strategy: rank 0 re-runs the command for rank 1 (same Hydra run dir)."""
+    args = [sys.executable, str(ROOT / "train.py"), *COMMON, *DDP, f"trainer.max_steps={steps}",
+            f"paths.log_dir={tmp}", f"run_name={name}", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
+def ckpt(run_dir: Path) -> dict:
+    """The latest last*.ckpt: after a stop, ModelCheckpoint versions its own (last-v1.ckpt) beside GracefulStop's."""
+    found = [torch.load(f, weights_only=False) for f in (run_dir / "checkpoints").glob("last*.ckpt")]
+    return max(found, key=lambda c: c["global_step"])
+
+
+def assert_same_state(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=rtol, atol=atol, msg=k)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):  # squared gradients ~1e-6: relative error matters
+            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=rtol, atol=atol * 1e-2)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(cache_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    res = run_ddp(tmp, "straight", STEPS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "train" / "runs" / "straight"
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_train_as_one_with_the_global_batch(ddp_run, tmp_path):
+    one = tmp_path / "one"
+    train(compose(COMMON + ["trainer=cpu", "data.batch_size=16", f"trainer.max_steps={STEPS}"], output_dir=one))
+    assert_same_state(ckpt(one), ckpt(ddp_run), rtol=1e-4, atol=1e-6)  # all-reduce sums in another order
+    assert "trainer/effective_batch_size: 16" in (ddp_run / "csv" / "hparams.yaml").read_text()
+    with open(ddp_run / "csv" / "metrics.csv") as f:
+        logged = [v for row in csv.DictReader(f) if (v := row["trainer/effective_batch_size"])]
+    assert logged == ["16"]
+
+
+class SignalAt(L.Callback):
+    """SIGINT to this process after optimizer step `step` (every rank: each saves and exits on its own)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.timeout(300)
+def test_two_process_run_stopped_by_a_signal_resumes_exactly(ddp_run, tmp_path):
+    stop = ["+callbacks.stopper._target_=test_ddp.SignalAt", "+callbacks.stopper.step=2"]
+    res = run_ddp(tmp_path, "split", STEPS, stop)
+    assert res.returncode != 0, res.stderr[-3000:]  # stopped, not finished
+    run_dir = tmp_path / "train" / "runs" / "split"
+    assert ckpt(run_dir)["global_step"] == 3  # GracefulStop saves after the step that saw the signal
+    res = run_ddp(tmp_path, "split", STEPS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stdout + res.stderr
+    assert_same_state(ckpt(ddp_run), ckpt(run_dir), rtol=1e-6, atol=1e-7)
+
+
+# -- masks: a pure function of (seed, micro-batch, position in the global batch) ---------------------------
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory):
+    from test_text_data import sentences
+
+    tok = train_tokenizer(sentences(500), 90, tmp_path_factory.mktemp("tok"))
+    rows, _ = pack(Dataset.from_dict({"text": sentences(400)}), tok, 16)
+    return tok, rows
+
+
+def batches(tok, rows, bs: int, rank: int = 0, world: int = 1, n: int = 12) -> list[dict]:
+    sampler = StepBatchSampler(len(rows), bs, n, seed=5, rank=rank, world_size=world)
+    ds, collate = Indexed(rows), MLMCollator(tok, seed=1, seq_len=16)
+    return [collate([ds[k] for k in keys]) for keys in sampler]
+
+
+def test_ranks_mask_differently_and_together_mask_as_one_process(blocks):
+    tok, rows = blocks
+    one = batches(tok, rows, 8)
+    r0, r1 = batches(tok, rows, 4, 0, 2), batches(tok, rows, 4, 1, 2)
+    for g, a, b in zip(one, r0, r1):
+        for k in g:
+            assert torch.equal(g[k], torch.cat([a[k], b[k]])), k
+    # packed rows share their layout ([CLS] + full block): masks seeded by the micro-batch alone would put
+    # the two ranks' masks at the same positions
+    masked = [torch.stack([x["labels"] != -100 for x in r]) for r in (r0, r1)]
+    assert not torch.equal(*masked)
+
+
+def test_streaming_rows_take_their_rank_positions(blocks):
+    tok, rows = blocks
+    docs = Dataset.from_dict({"text": ["the cat sees the dog ."] * 64}).to_iterable_dataset()
+    seen = []
+    for rank in (0, 1):
+        ds = StreamBlocks(docs, Blocks(tok, 16), lambda items: items, batch_size=4, total=2, rank=rank)
+        seen.append([[(it["batch_idx"], it["batch_pos"]) for it in batch] for batch in ds])
+    assert seen[0][1] == [(1, p) for p in range(4)] and seen[1][1] == [(1, p) for p in range(4, 8)]
+
+
+def test_eval_masks_depend_on_the_sample_alone():
+    keys = [k for batch in EvalBatchSampler(10, 3, rank=1, world_size=2) for k in batch]
+    assert keys == [(EvalBatchSampler.OFFSET, i, i) for i in range(1, 10, 2)]
+
+
+def test_val_check_interval_counts_optimizer_steps():
+    cfg = compose(["trainer.accumulate_grad_batches=4", "trainer.val_check_interval=5"]).trainer
+    assert in_batches(cfg) == {"val_check_interval": 20}  # Lightning counts micro-batches
+    assert in_batches(compose(["trainer.val_check_interval=0.5"]).trainer) == {}  # a fraction: no unit
