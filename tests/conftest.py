@@ -38,3 +38,18 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, drop: tuple[str
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_training_state(a, b, rtol: float = 1e-6, atol: float = 1e-7, opt_atol: float = 1e-9) -> None:
+    """Two checkpoints (dicts or paths) at the same step with the same weights and AdamW state."""
+    import torch
+
+    a, b = (torch.load(c, weights_only=False) if isinstance(c, (str, Path)) else c for c in (a, b))
+    assert a["global_step"] == b["global_step"]
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=rtol, atol=atol, msg=k)
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in ("step", "exp_avg", "exp_avg_sq"):  # squared gradients are tiny: opt_atol is tighter
+            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=rtol, atol=opt_atol)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import ROOT, compose
+from conftest import ROOT, assert_same_training_state, compose
 from ethos.cli import in_batches, train
 from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler
 from ethos.data.text import Blocks, MLMCollator, StreamBlocks, pack, train_tokenizer
@@ -42,16 +42,6 @@ def ckpt(run_dir: Path) -> dict:
     return max(found, key=lambda c: c["global_step"])
 
 
-def assert_same_state(a: dict, b: dict, rtol: float, atol: float) -> None:
-    assert a["global_step"] == b["global_step"]
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, rtol=rtol, atol=atol, msg=k)
-    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    for i in sa:
-        for k in ("exp_avg", "exp_avg_sq"):  # squared gradients ~1e-6: relative error matters
-            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=rtol, atol=atol * 1e-2)
-
-
 @pytest.fixture(scope="module")
 def ddp_run(cache_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("ddp")
@@ -64,7 +54,8 @@ def ddp_run(cache_dir, tmp_path_factory) -> Path:
 def test_two_processes_train_as_one_with_the_global_batch(ddp_run, tmp_path):
     one = tmp_path / "one"
     train(compose(COMMON + ["trainer=cpu", "data.batch_size=16", f"trainer.max_steps={STEPS}"], output_dir=one))
-    assert_same_state(ckpt(one), ckpt(ddp_run), rtol=1e-4, atol=1e-6)  # all-reduce sums in another order
+    # all-reduce sums in another order
+    assert_same_training_state(ckpt(one), ckpt(ddp_run), rtol=1e-4, atol=1e-6, opt_atol=1e-8)
     assert "trainer/effective_batch_size: 16" in (ddp_run / "csv" / "hparams.yaml").read_text()
     with open(ddp_run / "csv" / "metrics.csv") as f:
         logged = [v for row in csv.DictReader(f) if (v := row["trainer/effective_batch_size"])]
@@ -92,7 +83,7 @@ def test_two_process_run_stopped_by_a_signal_resumes_exactly(ddp_run, tmp_path):
     res = run_ddp(tmp_path, "split", STEPS)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout + res.stderr
-    assert_same_state(ckpt(ddp_run), ckpt(run_dir), rtol=1e-6, atol=1e-7)
+    assert_same_training_state(ckpt(ddp_run), ckpt(run_dir), rtol=1e-6, atol=1e-7, opt_atol=1e-9)
 
 
 # -- masks: a pure function of (seed, micro-batch, position in the global batch) ---------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_text_data import sentences, stream_position
 
-from conftest import compose
+from conftest import assert_same_training_state, compose
 from ethos.cli import train
 from ethos.config import instantiate
 from ethos.data import sampling
@@ -157,19 +157,6 @@ def text_cfg(tmp: Path, glob: str, out: Path, steps: int, extra=()) -> object:
                     f"trainer.max_steps={steps}", "trainer.val_check_interval=4",
                     "callbacks.checkpoint.every_n_train_steps=4", "optim.schedule=constant", "optim.warmup=0",
                     "print_config=false", *extra], output_dir=out)
-
-
-def assert_same_training_state(a_path: Path, b_path: Path) -> None:
-    a = torch.load(a_path, weights_only=False)
-    b = torch.load(b_path, weights_only=False)
-    assert a["global_step"] == b["global_step"]
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
-    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in ("step", "exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(sb[i][k], sa[i][k], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.timeout(300)
