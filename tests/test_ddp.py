@@ -19,18 +19,17 @@ from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler
 from ethos.data.text import Blocks, MLMCollator, StreamBlocks, pack, train_tokenizer
 
 STEPS = 6
-# CLM: every row of a packed block has the same number of targets, so the mean of the two ranks' losses
-# (DDP averages gradients) is the loss of the global batch. MLM masks ~15% per row, a different count per
-# rank: its per-rank token means weight the ranks' tokens differently, so MLM is compared at the masks.
-COMMON = ["debug=tiny", "logger=csv", "objective=clm", "model.dropout=0", "validate_first=false",
+# MLM masks ~15% of each row, so the ranks count different numbers of targets: the weights match only if each
+# rank's loss is weighted by its share of the global count (LanguageModel.training_step)
+COMMON = ["debug=tiny", "logger=csv", "model.dropout=0", "validate_first=false",
           f"trainer.val_check_interval={STEPS}", "callbacks.checkpoint.every_n_train_steps=2",
           "optim.schedule=constant", "optim.warmup=0", "print_config=false", "trainer.precision=32-true"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]
 
 
-def run_ddp(tmp: Path, name: str, steps: int, extra=()) -> subprocess.CompletedProcess:
+def run_ddp(tmp: Path, name: str, steps: int, extra=(), objective="clm") -> subprocess.CompletedProcess:
     """train.py under Lightning's ddp strategy: rank 0 re-runs the command for rank 1 (same Hydra run dir)."""
-    args = [sys.executable, str(ROOT / "train.py"), *COMMON, *DDP, f"trainer.max_steps={steps}",
+    args = [sys.executable, str(ROOT / "train.py"), *COMMON, f"objective={objective}", *DDP, f"trainer.max_steps={steps}",
             f"paths.log_dir={tmp}", f"run_name={name}", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
@@ -42,22 +41,36 @@ def ckpt(run_dir: Path) -> dict:
     return max(found, key=lambda c: c["global_step"])
 
 
-@pytest.fixture(scope="module")
-def ddp_run(cache_dir, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("ddp")
-    res = run_ddp(tmp, "straight", STEPS)
+def straight(tmp_path_factory, objective: str) -> Path:
+    tmp = tmp_path_factory.mktemp(f"ddp_{objective}")
+    res = run_ddp(tmp, "straight", STEPS, objective=objective)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "train" / "runs" / "straight"
 
 
+@pytest.fixture(scope="module")
+def ddp_run(cache_dir, tmp_path_factory) -> Path:
+    return straight(tmp_path_factory, "clm")
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(v) for row in csv.DictReader(f) if (v := row["train/loss"])]
+
+
 @pytest.mark.timeout(300)
-def test_two_processes_train_as_one_with_the_global_batch(ddp_run, tmp_path):
-    one = tmp_path / "one"
-    train(compose(COMMON + ["trainer=cpu", "data.batch_size=16", f"trainer.max_steps={STEPS}"], output_dir=one))
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_two_processes_train_as_one_with_the_global_batch(objective, ddp_run, cache_dir, tmp_path_factory):
+    ddp = ddp_run if objective == "clm" else straight(tmp_path_factory, objective)
+    one = tmp_path_factory.mktemp(f"one_{objective}")
+    train(compose(COMMON + [f"objective={objective}", "trainer=cpu", "data.batch_size=16",
+                            f"trainer.max_steps={STEPS}"], output_dir=one))
     # all-reduce sums in another order
-    assert_same_training_state(ckpt(one), ckpt(ddp_run), rtol=1e-4, atol=1e-6, opt_atol=1e-8)
-    assert "trainer/effective_batch_size: 16" in (ddp_run / "csv" / "hparams.yaml").read_text()
-    with open(ddp_run / "csv" / "metrics.csv") as f:
+    assert_same_training_state(ckpt(one), ckpt(ddp), rtol=1e-4, atol=1e-6, opt_atol=1e-8)
+    # the logged loss is the global batch's, not rank 0's
+    assert train_losses(ddp) == pytest.approx(train_losses(one), rel=1e-5)
+    assert "trainer/effective_batch_size: 16" in (ddp / "csv" / "hparams.yaml").read_text()
+    with open(ddp / "csv" / "metrics.csv") as f:
         logged = [v for row in csv.DictReader(f) if (v := row["trainer/effective_batch_size"])]
     assert logged == ["16"]
 

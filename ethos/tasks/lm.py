@@ -28,8 +28,19 @@ class LanguageModel(Task):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, correct, n = self._step(batch)
-        self.log_dict({"train/loss": loss, "train/acc": correct / max(n, 1),
-                       "train/ppl": torch.exp(loss.detach().clamp(max=30))}, prog_bar=True, batch_size=n)
+        world = self.trainer.world_size
+        if world > 1:
+            # Ranks count different numbers of targets (MLM masks ~15% per row, padding varies) and DDP
+            # averages gradients: weight this rank's mean by its share of the global count, so the step is the
+            # global batch's per-token mean, as one process with the whole batch takes it. One 3-float all-reduce.
+            stats = torch.stack([loss.detach() * n, correct.float(), loss.new_tensor(float(n))])
+            total_loss, correct, total = self.trainer.strategy.reduce(stats, reduce_op="sum")
+            logged, acc = total_loss / total.clamp(min=1), correct / total.clamp(min=1)
+            loss = loss * (n * world / total.clamp(min=1))
+        else:
+            logged, acc = loss.detach(), correct / max(n, 1)
+        self.log_dict({"train/loss": logged, "train/acc": acc, "train/ppl": torch.exp(logged.clamp(max=30))},
+                      prog_bar=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
