@@ -24,12 +24,13 @@ STEPS = 6
 COMMON = ["debug=tiny", "logger=csv", "model.dropout=0", "validate_first=false",
           f"trainer.val_check_interval={STEPS}", "callbacks.checkpoint.every_n_train_steps=2",
           "optim.schedule=constant", "optim.warmup=0", "print_config=false", "trainer.precision=32-true"]
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]
+TWO = ["trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]
 
 
-def run_ddp(tmp: Path, name: str, steps: int, extra=(), objective="clm") -> subprocess.CompletedProcess:
-    """train.py under Lightning's ddp strategy: rank 0 re-runs the command for rank 1 (same Hydra run dir)."""
-    args = [sys.executable, str(ROOT / "train.py"), *COMMON, f"objective={objective}", *DDP, f"trainer.max_steps={steps}",
+def run_ddp(tmp: Path, name: str, steps: int, extra=(), objective="clm", strategy="ddp") -> subprocess.CompletedProcess:
+    """train.py with 2 processes (trainer=ddp or fsdp): rank 0 re-runs the command for rank 1 (same run dir)."""
+    args = [sys.executable, str(ROOT / "train.py"), *COMMON, f"objective={objective}", f"trainer={strategy}", *TWO,
+            f"trainer.max_steps={steps}",
             f"paths.log_dir={tmp}", f"run_name={name}", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
@@ -41,9 +42,9 @@ def ckpt(run_dir: Path) -> dict:
     return max(found, key=lambda c: c["global_step"])
 
 
-def straight(tmp_path_factory, objective: str) -> Path:
-    tmp = tmp_path_factory.mktemp(f"ddp_{objective}")
-    res = run_ddp(tmp, "straight", STEPS, objective=objective)
+def straight(tmp_path_factory, objective: str, strategy: str = "ddp") -> Path:
+    tmp = tmp_path_factory.mktemp(f"{strategy}_{objective}")
+    res = run_ddp(tmp, "straight", STEPS, objective=objective, strategy=strategy)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "train" / "runs" / "straight"
 
@@ -58,15 +59,23 @@ def train_losses(run_dir: Path) -> list[float]:
         return [float(v) for row in csv.DictReader(f) if (v := row["train/loss"])]
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
-def test_two_processes_train_as_one_with_the_global_batch(objective, ddp_run, cache_dir, tmp_path_factory):
-    ddp = ddp_run if objective == "clm" else straight(tmp_path_factory, objective)
-    one = tmp_path_factory.mktemp(f"one_{objective}")
+def one_process(out: Path, objective: str, steps: int = STEPS, extra=()) -> Path:
     train(compose(COMMON + [f"objective={objective}", "trainer=cpu", "data.batch_size=16",
-                            f"trainer.max_steps={STEPS}"], output_dir=one))
-    # all-reduce sums in another order
-    assert_same_training_state(ckpt(one), ckpt(ddp), rtol=1e-4, atol=1e-6, opt_atol=1e-8)
+                            f"trainer.max_steps={steps}", *extra], output_dir=out))
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy,objective", [("ddp", "clm"), ("ddp", "mlm"), ("fsdp", "mlm")])
+def test_two_processes_train_as_one_with_the_global_batch(strategy, objective, ddp_run, cache_dir,
+                                                          tmp_path_factory):
+    # fsdp (FSDP2 on gloo) shards every parameter and AdamW state between the 2 processes; MLM's head runs
+    # outside the encoder's forward, on the root unit's gathered embedding
+    ddp = ddp_run if (strategy, objective) == ("ddp", "clm") else straight(tmp_path_factory, objective, strategy)
+    one = one_process(tmp_path_factory.mktemp(f"one_{objective}"), objective)
+    # all-reduce (and FSDP's reduce-scatter) sum in another order
+    assert_same_training_state(ckpt(one), ckpt(ddp), rtol=1e-4, atol=1e-6,
+                               opt_atol=1e-8 if strategy == "ddp" else 1e-7)
     # the logged loss is the global batch's, not rank 0's
     assert train_losses(ddp) == pytest.approx(train_losses(one), rel=1e-5)
     assert "trainer/effective_batch_size: 16" in (ddp / "csv" / "hparams.yaml").read_text()
@@ -147,3 +156,20 @@ def test_val_check_interval_counts_optimizer_steps():
     cfg = compose(["trainer.accumulate_grad_batches=4", "trainer.val_check_interval=5"]).trainer
     assert in_batches(cfg) == {"val_check_interval": 20}  # Lightning counts micro-batches
     assert in_batches(compose(["trainer.val_check_interval=0.5"]).trainer) == {}  # a fraction: no unit
+
+
+@pytest.mark.timeout(300)
+def test_a_run_moves_between_one_process_and_fsdp(cache_dir, tmp_path):
+    """Checkpoints have one format whatever the strategy: a run started on 1 process, continued on 2 FSDP
+    processes (stopped there by a signal), and finished on 1 process again ends as if it had run on 1 process
+    throughout, AdamW state on the right parameters. (Lightning's own FSDP checkpoints key AdamW state by
+    position in module.parameters(): a one-process checkpoint would load onto the wrong parameters.)"""
+    run_dir = tmp_path / "train" / "runs" / "moved"
+    one_process(run_dir, "mlm", steps=3)
+    stop = ["+callbacks.stopper._target_=test_ddp.SignalAt", "+callbacks.stopper.step=4"]
+    res = run_ddp(tmp_path, "moved", STEPS, stop, objective="mlm", strategy="fsdp")
+    assert res.returncode != 0 and "resuming from" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert ckpt(run_dir)["global_step"] == 5
+    one_process(run_dir, "mlm")  # the same run dir: resumes from its last.ckpt
+    assert_same_training_state(ckpt(one_process(tmp_path / "one", "mlm")), ckpt(run_dir), rtol=1e-4, atol=1e-6,
+                               opt_atol=1e-7)

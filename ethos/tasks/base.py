@@ -102,6 +102,12 @@ class Task(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = [tuple(v) for v in checkpoint.get("val_history", [])]
 
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:  # trainer=fsdp (ethos.parallel.FSDP): every process on the data axis
+            from ethos.parallel import shard
+
+            shard(self.model, self.device_mesh["data_parallel"])
+
     def param_groups(self) -> list[dict]:
         decay, no_decay = [], []
         for module in self.modules():
