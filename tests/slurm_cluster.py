@@ -44,12 +44,21 @@ def wait_gone(job: str, timeout: float) -> None:
 
 
 class SignalAt(L.Callback):
-    """Sends `signal` to this process at the first validation batch after `step` (tests only)."""
+    """Sends `signal` to this process at the first validation batch after `step`, or with `training=True` in the
+    training step after optimizer step `step` (tests only)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM"):
-        self.step, self.signum, self.sent = step, getattr(signal, signal_name), False
+    def __init__(self, step: int, signal_name: str = "SIGTERM", training: bool = False):
+        self.step, self.signum, self.training, self.sent = step, getattr(signal, signal_name), training, False
 
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+    def _send(self, trainer) -> None:
         if not self.sent and trainer.state.fn == "fit" and trainer.global_step >= self.step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not self.training:
+            self._send(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.training:
+            self._send(trainer)

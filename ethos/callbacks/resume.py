@@ -87,6 +87,12 @@ class GracefulStop(L.Callback):
         self.saved = True
         log.warning(f"saved {self.path} at step {trainer.global_step}; re-run the same command to resume")
         trainer.should_stop = True
+        # Lightning validates once more when a run stops early (it assumes EarlyStopping), and ModelCheckpoint
+        # would then overwrite this last.ckpt with one saved mid-loop, from which a resume counts one batch
+        # short (a logged step repeated, validation one step early). It also costs time SLURM may not give.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_skip_next_val"):
+            epoch_loop._skip_next_val = True
         pl_module.interrupted = exit_status(self.signum)
         # the signal's previous owner gets it now that the state is safe: submitit requeues (and exits) on
         # SIGUSR2. Lightning's SIGTERM handler is not called: it would only abort the run a second time.
