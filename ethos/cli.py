@@ -52,8 +52,10 @@ def set_aside_previous_run(out_dir: Path) -> None:
     checkpoints and logs are moved to <run dir>/previous/<time>/, not deleted."""
     import time
 
+    from lightning.pytorch.utilities import rank_zero_only
+
     found = [out_dir / name for name in RUN_STATE if (out_dir / name).exists()]
-    if not found:
+    if not found or rank_zero_only.rank != 0:  # one mover: srun starts every rank of the job at once
         return
     dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
     dest.mkdir(parents=True, exist_ok=True)

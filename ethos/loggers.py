@@ -74,6 +74,10 @@ def run_id_for(run_dir: Path) -> str:
     id_file.parent.mkdir(parents=True, exist_ok=True)
     run_id = os.environ.get("WANDB_RUN_ID") or (id_file.read_text().strip() if id_file.exists() else "")
     run_id = run_id or uuid.uuid4().hex[:12]
+    if rank_zero_only.rank != 0:
+        # only rank 0 logs to W&B; srun starts all ranks at once, and a second writer could replace the id
+        # rank 0 runs under
+        return run_id
     if not id_file.exists() or id_file.read_text().strip() != run_id:
         id_file.write_text(run_id)
     return run_id

@@ -49,8 +49,11 @@ class FSDP(ModelParallelStrategy):
                 "param_groups": [{**g, "params": [pos[n] for n in g["params"]]} for g in full["param_groups"]]}
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         path = Path(self.broadcast(checkpoint_path))
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)

@@ -62,3 +62,13 @@ class SignalAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.training:
             self._send(trainer)
+
+
+class Slow(L.Callback):
+    """Sleeps after every training step, so that a run outlasts a time limit whatever the machine's speed."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from slurm_cluster import slurm_unavailable, wait_gone
 from test_train import metrics
 
-from conftest import ROOT, compose
+from conftest import ROOT, assert_same_training_state
 
 TINY = ["debug=tiny", "logger=csv", "print_config=false"]
 EXACT = ["optim.schedule=constant", "optim.warmup=0"]  # as test_train's resume test
@@ -68,8 +69,9 @@ def test_sigterm_during_training_resumes_with_the_same_log(cache_dir, tmp_path):
     """A stop mid-training must not change what the resumed run logs: every step once, validation at the
     same steps as an uninterrupted run (Lightning's extra validation on stop would shift both)."""
     common = [*TINY, *EXACT, "trainer.val_check_interval=5", "validate_first=false", f"paths.log_dir={tmp_path}"]
-    res = train_py([*common, "run_name=stopped", "trainer.max_steps=20", "+callbacks.kill._target_=slurm_cluster.SignalAt",
-                    "+callbacks.kill.step=7", "+callbacks.kill.training=true"], tmp_path, cache_dir)
+    res = train_py([*common, "run_name=stopped", "trainer.max_steps=20",
+                    "+callbacks.kill._target_=slurm_cluster.SignalAt", "+callbacks.kill.step=7",
+                    "+callbacks.kill.training=true"], tmp_path, cache_dir)
     assert res.returncode == 143, res.stderr[-3000:]
     run_dir = tmp_path / "train" / "runs" / "stopped"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
@@ -85,14 +87,22 @@ def test_sigterm_during_training_resumes_with_the_same_log(cache_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_multirun_2x2_on_slurm(slurm, cache_dir, tmp_path):
-    res = train_py(["-m", *CPU_LAUNCHER, "hydra.launcher.timeout_min=5", *TINY, "trainer.max_steps=5",
+    res = train_py(["-m", *CPU_LAUNCHER, "hydra.launcher.timeout_min=5", "debug=tiny", "logger=[csv,wandb]",
+                    "print_config=false", "trainer.max_steps=5",
                     "model.n_heads=2,4", "seed=1,2", f"paths.log_dir={tmp_path}"], tmp_path, cache_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(p for p in (tmp_path / "train" / "multiruns").iterdir() if not p.name.startswith("."))
     assert [p.name for p in runs if p.is_dir()] == [
         f"debug=tiny,model.n_heads={h},seed={s},trainer.max_steps=5" for h in (2, 4) for s in (1, 2)]
+    groups = set()
     for run in filter(Path.is_dir, runs):
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+        cfg = OmegaConf.load(run / "config_resolved.yaml")
+        groups.add(cfg.logger.wandb.group)
+        assert (run / "wandb").is_dir() and (run / "wandb_id.txt").is_file()  # an (offline) W&B run each
+    # one W&B group for the sweep, named after it: ETHOS_GROUP from the launcher reached every SLURM job
+    [group] = groups
+    assert "model.n_heads=2,4" in group and "seed=1,2" in group, group
 
 
 class Multirun:
@@ -186,9 +196,10 @@ def test_time_limit_signal_requeues_and_finishes(slurm, cache_dir, tmp_path):
     SLURM checks time limits periodically, so the signal comes up to ~30 s early (even before the run installs
     its handler: then submitit requeues without a save, and nothing was trained to lose); max_num_timeout is
     raised so that such early signals cannot exhaust the requeues."""
-    steps = 400  # more than one attempt's ~30-60 s of training on one core
+    steps = 400  # >= 60 s of training (slurm_cluster.Slow) on any machine: more than one attempt gets
     args = ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=10",
-            *TINY, *EXACT, f"trainer.max_steps={steps}", "trainer.val_check_interval=100", "validate_first=false"]
+            *TINY, *EXACT, f"trainer.max_steps={steps}", "trainer.val_check_interval=100", "validate_first=false",
+            "+callbacks.slow._target_=slurm_cluster.Slow", "+callbacks.slow.seconds=0.15"]
     with Multirun(args, tmp_path, cache_dir) as run:
         assert run.wait(560) == 0, run.output()
         out = job_logs(run.sweep)
@@ -197,6 +208,26 @@ def test_time_limit_signal_requeues_and_finishes(slurm, cache_dir, tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
     steps_logged = [s for s, _ in losses(run_dir)]
     assert steps_logged == sorted(set(steps_logged)), "a step logged twice: the resume did not drop the redone steps"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_over_slurm_tasks(slurm, cache_dir, tmp_path):
+    """Multi-node's code path on one node: 2 SLURM tasks (srun, hydra.launcher.tasks_per_node=2) are the 2 DDP
+    ranks through Lightning's SLURM environment (ranks from SLURM_PROCID, both started at once, no launcher of
+    Lightning's own); they train as one process with the global batch. With nodes=N the same environment
+    spreads the ranks over N nodes."""
+    from test_ddp import COMMON, STEPS, ckpt, one_process
+
+    args = [*COMMON, "objective=mlm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "data.batch_size=8", f"trainer.max_steps={STEPS}", "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=5"]
+    with Multirun(args, tmp_path, cache_dir) as run:
+        assert run.wait(240) == 0, run.output()
+        [run_dir] = [p for p in run.sweep.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    assert "trainer/effective_batch_size: 16" in (run_dir / "csv" / "hparams.yaml").read_text()
+    assert_same_training_state(ckpt(one_process(tmp_path / "one", "mlm")), ckpt(run_dir), rtol=1e-4, atol=1e-6,
+                               opt_atol=1e-8)
 
 
 @pytest.mark.slow
