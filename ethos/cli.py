@@ -44,7 +44,7 @@ def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
     return None
 
 
-RUN_STATE = ("checkpoints", "csv", "wandb", "wandb_id.txt")  # what a fresh run must not continue
+RUN_STATE = ("checkpoints", "csv", "wandb", "wandb_id.txt", "status.json")  # what a fresh run must not continue
 
 
 def set_aside_previous_run(out_dir: Path) -> None:
@@ -132,6 +132,7 @@ def in_batches(trainer_cfg: DictConfig) -> dict:
 
 def train(cfg: DictConfig) -> float | None:
     from ethos.config import instantiate
+    from ethos.results import write_status
 
     model_cfg, optim = check(cfg)
     one_line_per_message()
@@ -140,6 +141,7 @@ def train(cfg: DictConfig) -> float | None:
     ckpt = find_resume_ckpt(cfg, out_dir)
     if cfg.resume == "never" and not cfg.ckpt_path:
         set_aside_previous_run(out_dir)
+    write_status(out_dir, "running")
 
     import lightning as L
 
@@ -163,10 +165,16 @@ def train(cfg: DictConfig) -> float | None:
             log.info(f"resuming from {ckpt}")
         elif cfg.validate_first:
             trainer.validate(task, datamodule=datamodule, verbose=False)  # the untrained baseline
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
+        except SystemExit:  # GracefulStop saved during validation and left it: not finished
+            write_status(out_dir, "interrupted", trainer.global_step)
+            raise
         if getattr(task, "interrupted", False):  # the exit status of the signal (GracefulStop): never 0
+            write_status(out_dir, "interrupted", trainer.global_step)
             log.warning(f"interrupted at step {trainer.global_step}: re-run the same command to resume")
             sys.exit(task.interrupted)  # SystemExit: a multirun job must not be recorded as a finished one
+        write_status(out_dir, "done", trainer.global_step)
         history = getattr(task, "val_history", [])
         if history:
             log.info(f"val/loss {history[0][1]:.3f} (step {history[0][0]}) -> {history[-1][1]:.3f} "
@@ -195,22 +203,29 @@ def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from ethos.results import write_status
+
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    run_dir = Path(cfg.paths.output_dir)
     try:
         return train(cfg)
     except ConfigError as e:
+        if multirun:  # the sweep's table shows the job that never started
+            write_status(run_dir, "failed", error=str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"ethos: {e.kind}: {e}", file=sys.stderr)
         if multirun:
             return None  # one bad job of a sweep must not stop the others
         sys.exit(2)
-    except Exception:  # not SystemExit: a job stopped by a signal exits non-zero so SLURM requeues it
+    except Exception as e:  # not SystemExit: a job stopped by a signal exits non-zero so SLURM requeues it
         from ethos.callbacks.resume import RECEIVED, exit_status
 
         if RECEIVED["signum"]:  # whatever broke after a stop signal (the scheduler killing W&B's service,
             log.exception("stopped by a signal")  # submitit out of requeues): not a finished job
+            write_status(run_dir, "interrupted")
             sys.exit(exit_status(RECEIVED["signum"]))
+        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         if multirun:
             log.exception("job failed; the sweep goes on")
             return None

@@ -1,0 +1,81 @@
+"""The study table (ethos.results): a real 2 variants x 2 seeds multirun with one failing job, and the
+table's numbers checked against the run dirs they came from."""
+
+import math
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from ethos.results import main as results_main
+
+
+class FailFor(L.Callback):
+    """Raises at the start of training for one (attention, seed): the deliberately failing job."""
+
+    def __init__(self, attn: str, seed: int, fail_attn: str, fail_seed: int):
+        self.fail = attn.endswith(fail_attn) and seed == fail_seed
+
+    def on_train_start(self, trainer, pl_module):
+        if self.fail:
+            raise RuntimeError("deliberate failure (tests/test_results.py)")
+
+
+@pytest.fixture(scope="module")
+def sweep(cache_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("results")
+    args = ["-m", "model=mha,mla", "seed=1,2", "debug=tiny", "logger=csv", "print_config=false",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", f"paths.log_dir={tmp}",
+            "+callbacks.fail._target_=test_results.FailFor", "+callbacks.fail.attn=${model.attn._target_}",
+            "+callbacks.fail.seed=${seed}", "+callbacks.fail.fail_attn=.MLA", "+callbacks.fail.fail_seed=2"]
+    env = {**os.environ, "ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "tests")}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp, env=env, capture_output=True,
+                         text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]  # a failed job does not fail the sweep
+    return tmp / "train" / "multiruns"
+
+
+@pytest.mark.timeout(420)
+def test_multirun_writes_its_table_with_the_failure_marked(sweep):
+    runs = pd.read_csv(sweep / "results.csv")
+    assert len(runs) == 4
+    failed = runs[runs["status"] == "failed"]
+    assert list(zip(failed["variant"], failed["seed"])) == [("mla", 2)]
+    assert "deliberate failure" in failed["error"].iloc[0]
+    assert (runs[runs["status"] != "failed"]["status"] == "done").all()
+    for _, row in runs[runs["status"] == "done"].iterrows():  # every number read back from its run dir
+        run = sweep / row["run"]
+        logged = pd.read_csv(run / "csv" / "metrics.csv")
+        val = logged["val/loss"].dropna()
+        assert row["val_loss_best"] == pytest.approx(val.min()) and row["val_loss_final"] == pytest.approx(
+            val.iloc[-1])
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        n_params = sum(v.numel() for k, v in ckpt["state_dict"].items())
+        assert row["params_total"] == n_params  # no tied or shared weights counted twice in the state dict
+        assert row["steps"] == 4
+    groups = pd.read_csv(sweep / "results_groups.csv").set_index("variant")
+    assert groups.loc["mha", "runs"] == 2 and groups.loc["mha", "done"] == 2
+    assert groups.loc["mla", "runs"] == 2 and groups.loc["mla", "done"] == 1
+    mha = runs[(runs["variant"] == "mha")]["val_loss_final"]
+    assert groups.loc["mha", "val_loss_final_mean"] == pytest.approx(mha.mean())
+    assert groups.loc["mha", "val_loss_final_std"] == pytest.approx(mha.std())  # sample std over seeds
+    assert math.isnan(groups.loc["mla", "val_loss_final_std"])  # one finished run: no spread
+    md = (sweep / "results.md").read_text()
+    assert "failed" in md and "±" in md
+    assert (sweep / "val_curves.png").stat().st_size > 10_000
+
+
+def test_the_command_line_rewrites_the_table_and_filters_a_multirun(sweep, tmp_path, capsys):
+    results_main([str(sweep), "--no-wandb"])
+    assert "4 runs" in capsys.readouterr().out
+    results_main([str(sweep), "--group", "someone else's multirun", "--no-wandb"])
+    assert len(pd.read_csv(sweep / "results.csv")) == 0
+    results_main([str(sweep), "--no-wandb"])
+    assert len(pd.read_csv(sweep / "results.csv")) == 4
+    with pytest.raises(SystemExit):
+        results_main([str(tmp_path / "missing")])
