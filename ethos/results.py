@@ -202,8 +202,10 @@ def log_to_wandb(df, groups, root: Path, group: str | None) -> None:
     from ethos.loggers import has_wandb_key
 
     mode = os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
+    where = root / ".results"  # hidden: the sweep dir lists run dirs only
+    where.mkdir(exist_ok=True)
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ethos"), group=group, name="results",
-                     job_type="results", dir=str(root), mode=mode, reinit="finish_previous")
+                     job_type="results", dir=str(where), mode=mode, reinit="finish_previous")
     run.log({"results/runs": wandb.Table(dataframe=df.astype(str)),
              "results/groups": wandb.Table(dataframe=groups.astype(str))})
     run.finish()
