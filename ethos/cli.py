@@ -89,8 +89,9 @@ def check(cfg: DictConfig):
 
 
 def check_across_groups(cfg: DictConfig) -> None:
-    from ethos.tasks.registry import modality
+    from ethos.tasks.registry import check_task, modality
 
+    check_task(cfg)
     if cfg.trainer.get("max_steps") is None:
         raise ConfigError("trainer.max_steps=null: pretraining is step-based, set a positive number of steps")
     if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in str(cfg.trainer.precision):
@@ -135,6 +136,10 @@ def train(cfg: DictConfig) -> float | None:
     from ethos.results import write_status
 
     model_cfg, optim = check(cfg)
+    if cfg.get("pretrained"):  # before any data is read
+        from ethos.pretrained import checkpoint_path
+
+        checkpoint_path(cfg.pretrained)
     one_line_per_message()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

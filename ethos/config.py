@@ -7,6 +7,7 @@ import json
 import re
 import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,18 +33,28 @@ def default_precision() -> str:
     return "32-true"
 
 
+def pretrained_tokenizer(pretrained: str | None) -> str | None:
+    """`${pretrained_tokenizer:${pretrained}}`: the tokenizer saved beside a pretrained run, or null."""
+    if not pretrained:
+        return None
+    path = Path(pretrained).expanduser()  # whether it exists is checked before any data is read (ethos.cli)
+    return str((path.parent.parent if path.suffix == ".ckpt" else path) / "tokenizer")
+
+
 def register_resolvers() -> None:
-    for name, fn in (("run_dir", run_dir_name), ("precision", default_precision)):
+    for name, fn in (("run_dir", run_dir_name), ("precision", default_precision),
+                     ("pretrained_tokenizer", pretrained_tokenizer)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
 
-GROUPS = ("model", "data", "optim", "trainer", "logger", "callbacks")
+GROUPS = ("model", "data", "task", "optim", "trainer", "logger", "callbacks")
 
 # The run-level keys of conf/train.yaml (everything else at the top level is a config group)
 RUN_KEYS = {
     "task_name": str, "run_name": str | None, "seed": NonNegativeInt, "resume": Literal["auto", "never"],
     "ckpt_path": str | None, "objective": str | None, "validate_first": bool, "print_config": bool,
+    "pretrained": str | None,
 }
 # Third-party signatures say `int` where only some ints make sense for us
 EXTRA = {

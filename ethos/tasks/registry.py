@@ -14,8 +14,10 @@ TASKS = {
     ("image", "cls"): ("ethos.tasks.classify.ImageClassifier", "ethos.models.vit.ViT",
                        {"num_classes": 10, "img_size": 32, "patch_size": 4}),
     ("text", "clm"): ("ethos.tasks.clm.CausalLM", "ethos.models.decoder.Decoder", {"vocab_size": 8}),
+    ("text-classification", "cls"): ("ethos.tasks.finetune.SequenceClassifier", "ethos.models.encoder.Encoder",
+                                     {"vocab_size": 8}),
 }
-DEFAULT_OBJECTIVE = {"text": "mlm", "image": "cls"}
+DEFAULT_OBJECTIVE = {"text": "mlm", "image": "cls", "text-classification": "cls"}
 
 
 def modality(cfg: DictConfig) -> str:
@@ -43,7 +45,24 @@ def backbone_for(cfg: DictConfig):
     return lambda model_cfg: cls(model_cfg, **placeholder)
 
 
+def check_task(cfg: DictConfig) -> None:
+    """`task=` (conf/task/) gives the task's own options; its class must be the one the data calls for."""
+    if cfg.get("task"):
+        want, got = _entry(cfg)[0], cfg.task._target_
+        if got != want:
+            needs = sorted({m for (m, _), entry in TASKS.items() if entry[0] == got}) or ["other"]
+            raise ConfigError(f"task._target_={got}: trains on {' or '.join(needs)} data, but the data module "
+                              f"{cfg.data._target_.rsplit('.', 1)[-1]} gives {modality(cfg)} data (for it: "
+                              f"{want.rsplit('.', 1)[-1]}, no task=)")
+
+
 def task_for(cfg: DictConfig):
+    """The task class, or with `task=` the class with that config's options bound (a partial)."""
     from hydra.utils import get_class
 
+    check_task(cfg)
+    if cfg.get("task"):
+        from ethos.config import instantiate
+
+        return instantiate(cfg.task, _partial_=True)
     return get_class(_entry(cfg)[0])

@@ -1,0 +1,48 @@
+"""Loading a pretrained run's backbone for fine-tuning: strict, with one-line errors that name what differs."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ethos.errors import ConfigError
+
+PRETRAINING_HEADS = ("mlm_bias",)  # pretraining-only weights a fine-tune leaves behind
+
+
+def checkpoint_path(pretrained: str | Path) -> Path:
+    """A run dir -> its checkpoints/last.ckpt; a file -> itself."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise ConfigError(f"pretrained={pretrained}: no checkpoint there (a run dir with checkpoints/last.ckpt, "
+                          "or a .ckpt file)")
+    return path
+
+
+def load_backbone(backbone: nn.Module, pretrained: str | Path) -> str:
+    """Copy the checkpoint's `model.*` weights into `backbone`, tensor for tensor. Every backbone weight must
+    come from the checkpoint with its shape; only pretraining heads may be left over. Returns the checkpoint
+    path (recorded in the fine-tune's hyperparameters)."""
+    path = checkpoint_path(pretrained)
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(k for k in set(saved) - set(own) if k not in PRETRAINING_HEADS)
+    shapes = sorted(k for k in set(own) & set(saved) if own[k].shape != saved[k].shape)  # heads are not in own
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shapes differ: " + ", ".join(f"{k} {tuple(saved[k].shape)} vs {tuple(own[k].shape)}"
+                                                      for k in shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+        if missing:
+            parts.append(f"not in the checkpoint: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+        if unexpected:
+            parts.append(f"only in the checkpoint: {', '.join(unexpected[:4])}"
+                         + (" ..." if len(unexpected) > 4 else ""))
+        raise ConfigError(f"pretrained={pretrained}: the model config does not match the pretrained run's "
+                          f"(variant or sizes): {'; '.join(parts)}")
+    backbone.load_state_dict({k: saved[k] for k in own}, strict=True)
+    return str(path)

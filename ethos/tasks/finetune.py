@@ -1,0 +1,89 @@
+"""Downstream fine-tuning (or a linear probe) of a pretrained text backbone: a classification head on a
+pooled hidden state, cross-entropy, accuracy from torchmetrics.
+
+Pooling: `cls` (the encoder's first token, [CLS]), `mean` (over real tokens), or `last` (the decoder's last
+real token, the only one that has seen the whole input). `pretrained`: a run dir (its checkpoints/last.ckpt)
+or a checkpoint file; its backbone weights are loaded tensor for tensor, and anything but a head that does not
+match is an error naming the keys (ethos.pretrained).
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ethos.models.blocks import TextBackbone
+from ethos.models.config import ModelConfig
+from ethos.models.decoder import Decoder
+from ethos.models.encoder import Encoder
+from ethos.tasks.base import OptimConfig, Task
+
+
+class SequenceClassifier(Task):
+    def __init__(self, model: ModelConfig, optim: OptimConfig, vocab_size: int, num_classes: int, pad_id: int = 0,
+                 backbone: Literal["encoder", "decoder"] = "encoder", pooling: Literal["cls", "mean", "last"] = "cls",
+                 pretrained: str | None = None, freeze: bool = False, dropout: float = 0.1):
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["model", "optim"])
+        self.model = (Decoder if backbone == "decoder" else Encoder)(model, vocab_size, pad_id)
+        if hasattr(self.model, "mlm_bias"):  # the MLM head's bias: a pretraining head, unused here (and an
+            self.model.register_parameter("mlm_bias", None)  # unused parameter would stall DDP)
+        self.pooling, self.freeze = pooling, freeze
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(model.d_model, num_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        if pretrained:
+            from ethos.pretrained import load_backbone
+
+            self.pretrained_from = load_backbone(self.model, pretrained)
+        if freeze:  # linear probe: only the head learns
+            self.model.requires_grad_(False)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        last = mask.long().sum(1) - 1  # right padding: the last real token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.freeze:
+            self.model.eval()  # a probe reads fixed features: no dropout in the frozen backbone
+        hidden = self.model(input_ids, attention_mask.bool())
+        return self.head(self.drop(self.pool(hidden, attention_mask)))
+
+    def batch_dims(self, batch: dict) -> tuple[int, int]:
+        return tuple(batch["input_ids"].shape)  # padded per batch: every position counts
+
+    def flops_per_token(self, batch_size: int, tokens_per_sample: int) -> float:
+        # the trunk at every position, no vocabulary head; the classifier once per sample
+        trunk = TextBackbone.flops_per_token(self.model, tokens_per_sample, batch_size, 0.0)
+        return trunk + 2 * self.head.in_features * self.head.out_features / tokens_per_sample
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        self.train_acc(logits, batch["labels"])
+        self.log_dict({"train/loss": loss, "train/acc": self.train_acc}, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        self.val_acc.update(logits, batch["labels"])
+        self.log("val/loss", loss, batch_size=len(logits), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.log("val/acc", acc, prog_bar=True)
+        self.val_acc.reset()
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.record_val(loss)
