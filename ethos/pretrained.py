@@ -21,14 +21,15 @@ def checkpoint_path(pretrained: str | Path) -> Path:
     return path
 
 
-def load_backbone(backbone: nn.Module, pretrained: str | Path) -> str:
+def load_backbone(backbone: nn.Module, pretrained: str | Path, new: tuple[str, ...] = ()) -> str:
     """Copy the checkpoint's `model.*` weights into `backbone`, tensor for tensor. Every backbone weight must
-    come from the checkpoint with its shape; only pretraining heads may be left over. Returns the checkpoint
-    path (recorded in the fine-tune's hyperparameters)."""
+    come from the checkpoint with its shape, except those under the `new` prefixes (a fresh head, kept as
+    initialised); only pretraining heads may be left over. Returns the checkpoint path."""
     path = checkpoint_path(pretrained)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     saved = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    own = backbone.state_dict()
+    saved = {k: v for k, v in saved.items() if not k.startswith(new or ("\0",))}
+    own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(new or ("\0",))}
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(k for k in set(saved) - set(own) if k not in PRETRAINING_HEADS)
     shapes = sorted(k for k in set(own) & set(saved) if own[k].shape != saved[k].shape)  # heads are not in own
@@ -44,5 +45,6 @@ def load_backbone(backbone: nn.Module, pretrained: str | Path) -> str:
                          + (" ..." if len(unexpected) > 4 else ""))
         raise ConfigError(f"pretrained={pretrained}: the model config does not match the pretrained run's "
                           f"(variant or sizes): {'; '.join(parts)}")
-    backbone.load_state_dict({k: saved[k] for k in own}, strict=True)
+    result = backbone.load_state_dict({k: saved[k] for k in own}, strict=False)
+    assert not result.unexpected_keys and all(k.startswith(new) for k in result.missing_keys), result
     return str(path)

@@ -16,10 +16,19 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 class ImageClassifier(Task):
     def __init__(self, model: ModelConfig, optim: OptimConfig, num_classes: int, img_size: int = 224,
-                 patch_size: int = 16, in_chans: int = 3, pool: str = "cls", label_smoothing: float = 0.0):
+                 patch_size: int = 16, in_chans: int = 3, pool: str = "cls", label_smoothing: float = 0.0,
+                 pretrained: str | None = None, freeze: bool = False):
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.model = ViT(model, num_classes, img_size, patch_size, in_chans, pool)
+        if pretrained:  # fine-tune (task=classify) or probe (task=probe) a pretrained ViT: a fresh head
+            from ethos.pretrained import load_backbone
+
+            self.pretrained_from = load_backbone(self.model, pretrained, new=("head.",))
+        self.freeze = freeze
+        if freeze:  # linear probe: only the head learns
+            self.model.requires_grad_(False)
+            self.model.head.requires_grad_(True)
         if model.compile:
             self.model.trunk.compile()
         self.label_smoothing = label_smoothing
@@ -40,6 +49,8 @@ class ImageClassifier(Task):
         return self.model.flops_per_token(batch_size=batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.freeze:
+            self.model.eval()  # a probe reads fixed features: no dropout in the frozen backbone
         logits = self.model(batch["image"])
         if "target" in batch:  # mixup / cutmix: smoothing is already folded into the soft target
             loss = soft_cross_entropy(logits, batch["target"])
