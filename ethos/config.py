@@ -26,6 +26,14 @@ def run_dir_name(run_name: str | None, override_dirname: str) -> str:
 
 
 def default_precision() -> str:
+    import glob
+    import os
+
+    # no NVIDIA device node (nor WSL's): no CUDA, and no 3 s torch import just to learn that, so a bad config
+    # fails fast; ETHOS_PROBE_CUDA=1 asks torch anyway
+    no_device = not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/dxg")
+    if no_device and os.environ.get("ETHOS_PROBE_CUDA") != "1":
+        return "32-true"
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -53,7 +61,7 @@ GROUPS = ("model", "data", "task", "optim", "trainer", "logger", "callbacks")
 # The run-level keys of conf/train.yaml (everything else at the top level is a config group)
 RUN_KEYS = {
     "task_name": str, "run_name": str | None, "seed": NonNegativeInt, "resume": Literal["auto", "never"],
-    "ckpt_path": str | None, "objective": str | None, "validate_first": bool, "print_config": bool,
+    "ckpt_path": str | None, "validate_first": bool, "print_config": bool,
     "pretrained": str | None,
 }
 # Third-party signatures say `int` where only some ints make sense for us

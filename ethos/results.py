@@ -75,7 +75,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
         row["overrides"] = " ".join(overrides)  # as typed: values may hold commas ([0.9,0.95])
         row["variant"] = choices.get("model") or str(cfg.model.attn.get("_target_", "")).rsplit(".", 1)[-1].lower()
         row["seed"] = cfg.get("seed")
-        row["task"] = choices.get("task") or cfg.get("objective") or ""
+        row["task"] = choices.get("task") or ""
         row["pretrained"] = str(cfg.get("pretrained") or "")
         hparams = run_dir / "csv" / "hparams.yaml"
         params = OmegaConf.to_container(OmegaConf.load(hparams)) if hparams.exists() else {}

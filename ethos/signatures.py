@@ -73,7 +73,9 @@ def read(target: str, key: str) -> Target:
     try:
         obj = get_object(target)
     except Exception as e:  # noqa: BLE001 - any import failure is a config error here
-        raise ConfigError(f"{key}._target_={target!r}: cannot be imported ({type(e).__name__}: {e})") from None
+        cause = e.__cause__ or e  # Hydra wraps the ImportError in a multi-line message: name the cause
+        raise ConfigError(f"{key}._target_={target!r}: cannot be imported ({type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     modality = getattr(obj, "modality", None)
     modality = modality if isinstance(modality, str) else None
     inits = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if isinstance(obj, type) else [obj]

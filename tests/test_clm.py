@@ -73,17 +73,21 @@ def test_decoder_is_causal_and_ignores_padding():
     assert model.logits(torch.eye(16, dtype=torch.float64))[0].tolist() == model.embed.weight[:, 0].tolist()
 
 
-def test_objective_clm_selects_decoder(tmp_path):
-    cfg = compose(["objective=clm", "debug=tiny"], output_dir=tmp_path)
-    assert task_for(cfg) is CausalLM
-    assert build_model_config(cfg).d_model == 64  # the decoder dry-builds on meta
+def test_task_clm_selects_decoder(tmp_path):
+    from ethos.tasks.base import OptimConfig
+
+    cfg = compose(["task=clm", "debug=tiny"], output_dir=tmp_path)
+    model_cfg = build_model_config(cfg)  # the decoder dry-builds on meta
+    assert model_cfg.d_model == 64
+    task = task_for(cfg)(model=model_cfg, optim=OptimConfig(), vocab_size=50)
+    assert isinstance(task, CausalLM) and type(task.model).__name__ == "Decoder"
 
 
 def test_short_clm_run_loss_falls(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i in range(2):
         (tmp_path / "corpus" / f"part{i}.txt").write_text("\n".join(sentences(2000, 20 + i)))
-    cfg = compose(["objective=clm", "debug=tiny", "logger=csv", "data=text_files",
+    cfg = compose(["task=clm", "debug=tiny", "logger=csv", "data=text_files",
                    f"data.data_files='{tmp_path}/corpus/*.txt'", "data.vocab_size=200", "data.seq_len=32",
                    "data.tokenizer_type=bpe", "data.packing=truncate", f"data.cache_dir={tmp_path}/cache",
                    "trainer.max_steps=40", "trainer.val_check_interval=10", "optim.lr=3e-3", "callbacks=none"],

@@ -46,7 +46,10 @@ def test_every_group_has_options():
     ("+model.ffn.expansion=4", "model.ffn.expansion"),
     ("+model.bogus=1", "model.bogus"),
     ("optim.schedule=step", "optim.schedule='step'"),
-    ("objective=nsp", "objective='nsp'"),
+    ("+task._target_=ethos.tasks.nsp.NextSentence",
+     "task._target_='ethos.tasks.nsp.NextSentence': cannot be imported (ModuleNotFoundError: No module named "
+     "'ethos.tasks.nsp')"),
+    ("+task._target_=ethos.tasks.mlm.LanguageModel", "task._target_=ethos.tasks.mlm.LanguageModel: not a task"),
 ])
 def test_bad_config_raises_clear_error(override, key, tmp_path):
     cfg = compose([override], output_dir=tmp_path)

@@ -29,7 +29,7 @@ TWO = ["trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=8"]
 
 def run_ddp(tmp: Path, name: str, steps: int, extra=(), objective="clm", strategy="ddp") -> subprocess.CompletedProcess:
     """train.py with 2 processes (trainer=ddp or fsdp): rank 0 re-runs the command for rank 1 (same run dir)."""
-    args = [sys.executable, str(ROOT / "train.py"), *COMMON, f"objective={objective}", f"trainer={strategy}", *TWO,
+    args = [sys.executable, str(ROOT / "train.py"), *COMMON, f"task={objective}", f"trainer={strategy}", *TWO,
             f"trainer.max_steps={steps}",
             f"paths.log_dir={tmp}", f"run_name={name}", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
@@ -60,7 +60,7 @@ def train_losses(run_dir: Path) -> list[float]:
 
 
 def one_process(out: Path, objective: str, steps: int = STEPS, extra=()) -> Path:
-    train(compose(COMMON + [f"objective={objective}", "trainer=cpu", "data.batch_size=16",
+    train(compose(COMMON + [f"task={objective}", "trainer=cpu", "data.batch_size=16",
                             f"trainer.max_steps={steps}", *extra], output_dir=out))
     return out
 

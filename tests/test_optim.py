@@ -35,7 +35,7 @@ DECAY = [
 ]
 
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
-BACKBONES = {"encoder": [], "decoder": ["objective=clm"], "vit": ["data=shapes"]}
+BACKBONES = {"encoder": [], "decoder": ["task=clm"], "vit": ["data=shapes"]}
 EXTRA = {"mlp-ffn": ["model/ffn=mlp"], "learned-pos": ["model.learned_pos=true"],
          "dense-layers": ["model.num_dense_layers=1"], "layernorm": ["model.norm=layernorm"]}
 

@@ -219,7 +219,7 @@ def test_ddp_over_slurm_tasks(slurm, cache_dir, tmp_path):
     spreads the ranks over N nodes."""
     from test_ddp import COMMON, STEPS, ckpt, one_process
 
-    args = [*COMMON, "objective=mlm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    args = [*COMMON, "task=mlm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
             "data.batch_size=8", f"trainer.max_steps={STEPS}", "hydra.launcher.tasks_per_node=2",
             "hydra.launcher.mem_gb=4", "hydra.launcher.timeout_min=5"]
     with Multirun(args, tmp_path, cache_dir) as run:

@@ -168,7 +168,7 @@ class MLMCollator:
                  whole_word_mask: bool = False):
         if tokenizer.mask_token is None:
             raise ConfigError(f"data.tokenizer={tokenizer.name_or_path!r}: has no mask token, needed for "
-                              "masked LM (use objective=clm or another tokenizer)")
+                              "masked LM (use task=clm or another tokenizer)")
         extra = {"mask_replace_prob": 1.0, "random_replace_prob": 0.0} if whole_word_mask else {}
         self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability,
                                                         whole_word_mask=whole_word_mask, return_tensors="pt",

@@ -1,23 +1,25 @@
-"""The data modality and `objective` choose backbone and task; `model=` only chooses the blocks.
+"""`task=` (conf/task/) chooses the LightningModule, and through it the backbone; without it the data's modality
+chooses (text: masked LM, images: classification, labelled text: fine-tuning). `model=` only chooses the blocks.
 
-Each entry: task class, backbone class and the placeholder sizes for the dry build on the meta
-device (run before any data is read, to check the model config). Paths are strings so nothing
-heavy is imported before the config is known to be good.
+Each task class: the modality of the data it trains on, its backbone and the placeholder sizes for the dry
+build on the meta device (run before any data is read, to check the model config). Paths are strings so
+nothing heavy is imported before the config is known to be good.
 """
 
 from omegaconf import DictConfig
 
 from ethos.errors import ConfigError
 
-TASKS = {
-    ("text", "mlm"): ("ethos.tasks.mlm.MaskedLM", "ethos.models.encoder.Encoder", {"vocab_size": 8}),
-    ("image", "cls"): ("ethos.tasks.classify.ImageClassifier", "ethos.models.vit.ViT",
-                       {"num_classes": 10, "img_size": 32, "patch_size": 4}),
-    ("text", "clm"): ("ethos.tasks.clm.CausalLM", "ethos.models.decoder.Decoder", {"vocab_size": 8}),
-    ("text-classification", "cls"): ("ethos.tasks.finetune.SequenceClassifier", "ethos.models.encoder.Encoder",
-                                     {"vocab_size": 8}),
+TASKS = {  # task class -> (data modality, backbone, placeholder sizes)
+    "ethos.tasks.mlm.MaskedLM": ("text", "ethos.models.encoder.Encoder", {"vocab_size": 8}),
+    "ethos.tasks.clm.CausalLM": ("text", "ethos.models.decoder.Decoder", {"vocab_size": 8}),
+    "ethos.tasks.classify.ImageClassifier": ("image", "ethos.models.vit.ViT",
+                                             {"num_classes": 10, "img_size": 32, "patch_size": 4}),
+    "ethos.tasks.finetune.SequenceClassifier": ("text-classification", "ethos.models.encoder.Encoder",
+                                                {"vocab_size": 8}),
 }
-DEFAULT_OBJECTIVE = {"text": "mlm", "image": "cls", "text-classification": "cls"}
+DEFAULT_TASK = {"text": "ethos.tasks.mlm.MaskedLM", "image": "ethos.tasks.classify.ImageClassifier",
+                "text-classification": "ethos.tasks.finetune.SequenceClassifier"}
 
 
 def modality(cfg: DictConfig) -> str:
@@ -27,42 +29,40 @@ def modality(cfg: DictConfig) -> str:
     return target_info(cfg, cfg.data._target_, "data").modality or "text"
 
 
-def _entry(cfg: DictConfig) -> tuple[str, str, dict]:
+def task_target(cfg: DictConfig) -> str:
+    """The task class path: task._target_, or the data's default; it must train on the data's modality."""
     mod = modality(cfg)
-    objective = cfg.get("objective") or DEFAULT_OBJECTIVE.get(mod)
-    if (mod, objective) not in TASKS:
-        valid = sorted(o for m, o in TASKS if m == mod)
-        raise ConfigError(f"objective={objective!r}: valid for {mod} data are {', '.join(valid)}")
-    return TASKS[mod, objective]
+    target = cfg.task._target_ if cfg.get("task") else DEFAULT_TASK.get(mod)
+    if target not in TASKS:
+        raise ConfigError(f"task._target_={target}: not a task (valid: {', '.join(TASKS)})")
+    if TASKS[target][0] != mod:
+        fits = [k.rsplit(".", 1)[-1] for k, v in TASKS.items() if v[0] == mod]
+        raise ConfigError(f"task._target_={target}: trains on {TASKS[target][0]} data, but the data module "
+                          f"{cfg.data._target_.rsplit('.', 1)[-1]} gives {mod} data (tasks for it: "
+                          f"{', '.join(fits)})")
+    return target
+
+
+def check_task(cfg: DictConfig) -> None:
+    task_target(cfg)
 
 
 def backbone_for(cfg: DictConfig):
     """A callable model_cfg -> nn.Module with placeholder sizes, for the dry build."""
     from hydra.utils import get_class
 
-    _, backbone, placeholder = _entry(cfg)
+    _, backbone, placeholder = TASKS[task_target(cfg)]
     cls = get_class(backbone)
     return lambda model_cfg: cls(model_cfg, **placeholder)
-
-
-def check_task(cfg: DictConfig) -> None:
-    """`task=` (conf/task/) gives the task's own options; its class must be the one the data calls for."""
-    if cfg.get("task"):
-        want, got = _entry(cfg)[0], cfg.task._target_
-        if got != want:
-            needs = sorted({m for (m, _), entry in TASKS.items() if entry[0] == got}) or ["other"]
-            raise ConfigError(f"task._target_={got}: trains on {' or '.join(needs)} data, but the data module "
-                              f"{cfg.data._target_.rsplit('.', 1)[-1]} gives {modality(cfg)} data (for it: "
-                              f"{want.rsplit('.', 1)[-1]}, no task=)")
 
 
 def task_for(cfg: DictConfig):
     """The task class, or with `task=` the class with that config's options bound (a partial)."""
     from hydra.utils import get_class
 
-    check_task(cfg)
+    target = task_target(cfg)
     if cfg.get("task"):
         from ethos.config import instantiate
 
         return instantiate(cfg.task, _partial_=True)
-    return get_class(_entry(cfg)[0])
+    return get_class(target)
