@@ -79,3 +79,48 @@ def test_the_command_line_rewrites_the_table_and_filters_a_multirun(sweep, tmp_p
     assert len(pd.read_csv(sweep / "results.csv")) == 4
     with pytest.raises(SystemExit):
         results_main([str(tmp_path / "missing")])
+
+
+def bert_sized_tokenizer(path):
+    """A WordPiece tokenizer with exactly BERT uncased's 30522 entries (characters and their ## pieces, then
+    placeholders), saved in the transformers layout: what `data.tokenizer=bert-base-uncased` gives a model."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = specials + chars + [f"##{c}" for c in chars]
+    vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(str(path))
+    assert len(fast) == 30522
+    return path
+
+
+@pytest.mark.timeout(400)
+def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
+    """The MHA encoder at the reference study's sizes with a BERT-sized vocabulary: the table's counts are
+    docs/param_counts.md's (total 14,138,938) and the attention count is 4 d^2 per layer."""
+    from ethos.cli import train
+    from ethos.results import gather
+
+    from conftest import compose
+
+    tok = bert_sized_tokenizer(tmp_path / "bert_sized")
+    run = tmp_path / "study" / "mha"
+    train(compose(["experiment=subspace_encoder_mha", f"data.tokenizer={tok}", "data.batch_size=4",
+                   "trainer=cpu", "trainer.max_steps=1", "trainer.val_check_interval=1",
+                   "trainer.limit_val_batches=1", "validate_first=false", "logger=csv", "print_config=false"],
+                  output_dir=run))
+    doc = (ROOT / "docs" / "param_counts.md").read_text()
+    assert "| MHA (rope 32)                 | 14,138,938 |" in doc
+    row = gather(tmp_path / "study").set_index("run").loc["mha"]
+    assert row["params_total"] == 14_138_938
+    assert row["params_attention"] == 6 * 4 * 256 * 256
+    assert row["params_non_embedding"] == 14_138_938 - 30522 * 256
