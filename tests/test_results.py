@@ -107,10 +107,9 @@ def bert_sized_tokenizer(path):
 def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
     """The MHA encoder at the reference study's sizes with a BERT-sized vocabulary: the table's counts are
     docs/param_counts.md's (total 14,138,938) and the attention count is 4 d^2 per layer."""
+    from conftest import compose
     from ethos.cli import train
     from ethos.results import gather
-
-    from conftest import compose
 
     tok = bert_sized_tokenizer(tmp_path / "bert_sized")
     run = tmp_path / "study" / "mha"

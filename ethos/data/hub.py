@@ -55,17 +55,25 @@ class HubTextDataModule(TextDataModule):
     default_name: str | None = None
 
     def __init__(self, *args, path: str | None = None, name: str | None = None, text_column: str = "text",
-                 revision: str | None = None, **kwargs):
+                 revision: str | None = None, offline: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.path, self.name = path or self.default_path, name or self.default_name
-        self.text_column, self.revision = text_column, revision
+        self.text_column, self.revision, self.offline = text_column, revision, offline
 
     def fingerprint(self) -> dict:
         # the path is part of it: a partial local copy must not share the full dataset's cache entry
-        return {**super().fingerprint(), "path": self.path, "name": self.name, "text_column": self.text_column,
-                "revision": self.revision}
+        fp = {**super().fingerprint(), "path": self.path, "name": self.name, "text_column": self.text_column,
+              "revision": self.revision}
+        return {**fp, "offline": True} if self.offline else fp
 
     def load_documents(self, streaming: bool = False) -> DatasetDict:
+        if self.offline:  # debug=smoke: the offline corpus stands in, so a recipe runs without the hub
+            from datasets import Dataset, IterableDatasetDict
+
+            from ethos.data.offline import python_docs_corpus
+
+            docs = Dataset.from_dict({"text": python_docs_corpus()})
+            return IterableDatasetDict(train=docs.to_iterable_dataset()) if streaming else DatasetDict(train=docs)
         local = Path(self.path).exists()
         if not local and not hub_offline() and not hub_reachable():
             raise _unavailable(self.path, self.name, "no connection to the hub within 3 s")
@@ -95,6 +103,12 @@ class WikipediaDataModule(HubTextDataModule):
     """`data=wiki`: wikimedia/wikipedia (one article per row; no validation split: one is held out)."""
 
     default_path, default_name = "wikimedia/wikipedia", "20231101.en"
+
+
+class C4DataModule(HubTextDataModule):
+    """`data=c4`: allenai/c4 (English, ~365M documents, with a validation split): streamed."""
+
+    default_path, default_name = "allenai/c4", "en"
 
 
 class WikiText103DataModule(HubTextDataModule):
