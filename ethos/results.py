@@ -28,7 +28,7 @@ def write_status(run_dir: Path, status: str, step: int | None = None, error: str
     record = {"status": status, "step": step, "error": error, "group": os.environ.get("ETHOS_GROUP"),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}"  # per process: all ranks of a job write it at once
     tmp.write_text(json.dumps(record))
     tmp.replace(run_dir / STATUS_FILE)
 
@@ -107,9 +107,10 @@ def gather(root: Path, group: str | None = None):
 
     rows = [run_row(d, root) for d in tqdm(find_runs(root), desc="runs", unit="run", disable=None)]
     df = pd.DataFrame(rows)
-    for col in ("overrides", "group", "variant", "task", "pretrained", "error", "multirun", *NUMERIC):
+    for col in ("run", "status", "seed", "overrides", "group", "variant", "task", "pretrained", "error", "multirun",
+                "val_acc_best", *NUMERIC):  # an empty dir still gives (empty) tables
         if col not in df:
-            df[col] = math.nan if col in NUMERIC else ""
+            df[col] = math.nan if col in (*NUMERIC, "val_acc_best") else ""
     if group is not None and len(df):
         df = df[df["multirun"] == group].reset_index(drop=True)
     # a group is named by what varies between the runs (but the seed); what all share would only repeat

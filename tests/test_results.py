@@ -79,6 +79,9 @@ def test_the_command_line_rewrites_the_table_and_filters_a_multirun(sweep, tmp_p
     assert len(pd.read_csv(sweep / "results.csv")) == 4
     with pytest.raises(SystemExit):
         results_main([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()  # nothing run yet: empty tables, not an error
+    results_main([str(tmp_path / "empty"), "--no-wandb"])
+    assert "0 runs" in (tmp_path / "empty" / "results.md").read_text()
 
 
 def bert_sized_tokenizer(path):
@@ -113,7 +116,7 @@ def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
 
     tok = bert_sized_tokenizer(tmp_path / "bert_sized")
     run = tmp_path / "study" / "mha"
-    train(compose(["experiment=subspace_encoder_mha", f"data.tokenizer={tok}", "data.batch_size=4",
+    train(compose(["experiment=subspace_encoder_mha", "data.offline=true", f"data.tokenizer={tok}", "data.batch_size=4",
                    "trainer=cpu", "trainer.max_steps=1", "trainer.val_check_interval=1",
                    "trainer.limit_val_batches=1", "validate_first=false", "logger=csv", "print_config=false"],
                   output_dir=run))
