@@ -89,9 +89,9 @@ def check(cfg: DictConfig):
 
 
 def check_across_groups(cfg: DictConfig) -> None:
-    from ethos.tasks.registry import check_task, modality
+    from ethos.tasks.registry import modality, task_target
 
-    check_task(cfg)
+    task_target(cfg)  # the task fits the data
     if cfg.trainer.get("max_steps") is None:
         raise ConfigError("trainer.max_steps=null: pretraining is step-based, set a positive number of steps")
     if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in str(cfg.trainer.precision):

@@ -7,7 +7,6 @@ import json
 import re
 import types
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -43,10 +42,9 @@ def default_precision() -> str:
 
 def pretrained_tokenizer(pretrained: str | None) -> str | None:
     """`${pretrained_tokenizer:${pretrained}}`: the tokenizer saved beside a pretrained run, or null."""
-    if not pretrained:
-        return None
-    path = Path(pretrained).expanduser()  # whether it exists is checked before any data is read (ethos.cli)
-    return str((path.parent.parent if path.suffix == ".ckpt" else path) / "tokenizer")
+    from ethos.pretrained import run_dir_of
+
+    return str(run_dir_of(pretrained) / "tokenizer") if pretrained else None
 
 
 def register_resolvers() -> None:

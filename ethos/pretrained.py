@@ -2,12 +2,16 @@
 
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ethos.errors import ConfigError
 
 PRETRAINING_HEADS = ("mlm_bias",)  # pretraining-only weights a fine-tune leaves behind
+
+
+def run_dir_of(pretrained: str | Path) -> Path:
+    """The run dir a `pretrained=` value names: itself, or for <run dir>/checkpoints/x.ckpt its run dir. Nothing
+    is read (the config resolver calls it; whether the checkpoint exists is `checkpoint_path`'s check)."""
+    path = Path(pretrained).expanduser()
+    return path.parent.parent if path.suffix == ".ckpt" else path
 
 
 def checkpoint_path(pretrained: str | Path) -> Path:
@@ -21,10 +25,12 @@ def checkpoint_path(pretrained: str | Path) -> Path:
     return path
 
 
-def load_backbone(backbone: nn.Module, pretrained: str | Path, new: tuple[str, ...] = ()) -> str:
+def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = ()) -> str:
     """Copy the checkpoint's `model.*` weights into `backbone`, tensor for tensor. Every backbone weight must
     come from the checkpoint with its shape, except those under the `new` prefixes (a fresh head, kept as
     initialised); only pretraining heads may be left over. Returns the checkpoint path."""
+    import torch
+
     path = checkpoint_path(pretrained)
     state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     saved = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

@@ -84,7 +84,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
         df = _metrics(run_dir)
         val = df["val/loss"].dropna() if "val/loss" in df else []
         row["val_loss_best"] = float(val.min()) if len(val) else math.nan
-        row["val_loss_final"] = float(val.iloc[-1]) if len(val) else math.nan
+        row["val_loss_final"] = _last(df, "val/loss")
         row["train_loss_final"] = _last(df, "train/loss")
         row["val_acc_best"] = float(df["val/acc"].max()) if "val/acc" in df and df["val/acc"].notna().any() \
             else math.nan
@@ -120,12 +120,13 @@ def gather(root: Path, group: str | None = None):
     varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1 and k not in GROUP_BY_EXCLUDED]
     df["group"] = [",".join(f"{k}={o[k]}" for k in varying if k in o) or "(all)" for o in overrides]
     # downstream: a fine-tune's accuracy belongs to the row of the run it started from
+    from ethos.pretrained import run_dir_of
+
+    row_of = {(root / r).resolve(): i for i, r in df["run"].items()}
     df["downstream_acc"] = math.nan
     for _, ft in df[df["pretrained"].astype(str) != ""].iterrows():
-        target = Path(ft["pretrained"])
-        target = target.parent.parent if target.suffix == ".ckpt" else target  # <run>/checkpoints/x.ckpt
-        match = [i for i, r in df.iterrows() if (root / r["run"]).resolve() == target.resolve()]
-        for i in match:
+        i = row_of.get(run_dir_of(ft["pretrained"]).resolve())
+        if i is not None:
             df.loc[i, "downstream_acc"] = ft["val_acc_best"]
     return df
 

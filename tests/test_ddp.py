@@ -3,12 +3,10 @@ rank but not by world size, and a 2-process run stopped by a signal resumes to t
 
 import csv
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from datasets import Dataset
@@ -84,20 +82,15 @@ def test_two_processes_train_as_one_with_the_global_batch(strategy, objective, d
     assert logged == ["16"]
 
 
-class SignalAt(L.Callback):
-    """SIGINT to this process after optimizer step `step` (every rank: each saves and exits on its own)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
+def stop_after(step: int) -> list[str]:
+    """SIGINT to every rank in the training step after optimizer step `step` (slurm_cluster.SignalAt)."""
+    return ["+callbacks.stopper._target_=slurm_cluster.SignalAt", f"+callbacks.stopper.step={step}",
+            "+callbacks.stopper.signal_name=SIGINT", "+callbacks.stopper.training=true"]
 
 
 @pytest.mark.timeout(300)
 def test_two_process_run_stopped_by_a_signal_resumes_exactly(ddp_run, tmp_path):
-    stop = ["+callbacks.stopper._target_=test_ddp.SignalAt", "+callbacks.stopper.step=2"]
+    stop = stop_after(2)
     res = run_ddp(tmp_path, "split", STEPS, stop)
     assert res.returncode != 0, res.stderr[-3000:]  # stopped, not finished
     run_dir = tmp_path / "train" / "runs" / "split"
@@ -166,7 +159,7 @@ def test_a_run_moves_between_one_process_and_fsdp(cache_dir, tmp_path):
     position in module.parameters(): a one-process checkpoint would load onto the wrong parameters.)"""
     run_dir = tmp_path / "train" / "runs" / "moved"
     one_process(run_dir, "mlm", steps=3)
-    stop = ["+callbacks.stopper._target_=test_ddp.SignalAt", "+callbacks.stopper.step=4"]
+    stop = stop_after(4)
     res = run_ddp(tmp_path, "moved", STEPS, stop, objective="mlm", strategy="fsdp")
     assert res.returncode != 0 and "resuming from" in res.stdout + res.stderr, res.stderr[-3000:]
     assert ckpt(run_dir)["global_step"] == 5

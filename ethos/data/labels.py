@@ -7,9 +7,7 @@ Every source gives a DatasetDict with a 'train' and a 'validation' split, column
 DataCollatorWithPadding); training batches come from the step sampler, so a fine-tune resumes exactly too.
 """
 
-import ast
 import logging
-import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +16,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from ethos.data.offline import SKIP
+from ethos.data.offline import stdlib_docstrings
 from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position, split_key
 from ethos.errors import ConfigError
 from ethos.types import Annotated, Ge, NonNegativeInt, PositiveInt
@@ -39,23 +37,10 @@ def docstring_kinds(min_chars: int = 40, seed: int = 0) -> DatasetDict:
     the source files are held out for validation, so no file's docstrings are on both sides."""
     import random
 
-    root = Path(sysconfig.get_paths()["stdlib"])
     by_split = {"train": {k: [] for k in KINDS}, "validation": {k: [] for k in KINDS}}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if SKIP & set(rel.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
+    for rel, kind, doc in stdlib_docstrings(min_chars):
         split = "validation" if random.Random(f"{seed}:{rel}").random() < 0.1 else "train"
-        for node in ast.walk(tree):
-            kind = {ast.Module: "module", ast.ClassDef: "class", ast.FunctionDef: "function",
-                    ast.AsyncFunctionDef: "function"}.get(type(node))
-            doc = ast.get_docstring(node) if kind else None
-            if doc and len(doc) > min_chars:
-                by_split[split][kind].append(doc)
+        by_split[split][kind].append(doc)
     out = {}
     for split, docs in by_split.items():
         n = min(len(v) for v in docs.values())
@@ -113,8 +98,8 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.data_files={files}: source=files needs a train and a validation file")
             if self.num_classes is None:
                 raise ConfigError("data.num_classes=null: set it for source=files")
-            kind = {"jsonl": "json", "tsv": "csv"}.get(Path(files["train"]).suffix[1:], Path(files["train"]).suffix[1:])
-            return load_dataset(kind, data_files=files)
+            suffix = Path(files["train"]).suffix[1:]
+            return load_dataset({"jsonl": "json", "tsv": "csv"}.get(suffix, suffix), data_files=files)
         return load_dataset(self.path, self.source)  # the hub's GLUE, or a local copy of its repository
 
     def setup(self, stage: str | None = None) -> None:
@@ -142,11 +127,6 @@ class TextClassificationDataModule(L.LightningDataModule):
             for y in v["labels"]:
                 counts[y] += 1
             log.info(f"data {k}: {len(v)} examples, classes {counts} (majority {max(counts) / len(v):.1%})")
-
-    def majority(self, split: str = "validation") -> float:
-        """The accuracy of always answering the most frequent class: the floor a classifier must beat."""
-        labels = self.splits[split]["labels"]
-        return max(labels.count(c) for c in set(labels)) / len(labels)
 
     def task_kwargs(self) -> dict:
         return {"vocab_size": len(self.tokenizer), "num_classes": self.num_classes,

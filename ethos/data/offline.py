@@ -18,24 +18,33 @@ from ethos.data.text import TextDataModule
 SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
 
 
-def python_docs_corpus(min_chars: int = 40) -> list[str]:
-    import pydoc_data.topics
+KINDS = {ast.Module: "module", ast.ClassDef: "class", ast.FunctionDef: "function", ast.AsyncFunctionDef: "function"}
 
-    docs = [v.strip() for _, v in sorted(pydoc_data.topics.topics.items())]
+
+def stdlib_docstrings(min_chars: int = 40):
+    """(source file relative to the stdlib, kind of object, docstring) for every docstring longer than
+    `min_chars` in the standard library, files in sorted order, nodes in `ast.walk` order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
-        if SKIP & set(path.relative_to(root).parts):
+        rel = path.relative_to(root)
+        if SKIP & set(rel.parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
             continue
         for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > min_chars:
-                    docs.append(doc)
-    return docs
+            kind = KINDS.get(type(node))
+            doc = ast.get_docstring(node) if kind else None
+            if doc and len(doc) > min_chars:
+                yield rel, kind, doc
+
+
+def python_docs_corpus(min_chars: int = 40) -> list[str]:
+    import pydoc_data.topics
+
+    docs = [v.strip() for _, v in sorted(pydoc_data.topics.topics.items())]
+    return docs + [doc for _, _, doc in stdlib_docstrings(min_chars)]
 
 
 class TinyTextDataModule(TextDataModule):

@@ -102,6 +102,18 @@ class Task(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = [tuple(v) for v in checkpoint.get("val_history", [])]
 
+    def adopt_backbone(self, pretrained: str | None, freeze: bool, new: tuple[str, ...] = ()) -> None:
+        """Fine-tuning: `self.model` starts from the pretrained run's weights, but for those under the `new`
+        prefixes (a fresh head); `freeze` (a linear probe) trains only those, the rest kept in eval mode."""
+        if pretrained:
+            from ethos.pretrained import load_backbone
+
+            self.pretrained_from = load_backbone(self.model, pretrained, new)
+        self.probe = freeze
+        if freeze:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith(new) if new else False)
+
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # trainer=fsdp (ethos.parallel.FSDP): every process on the data axis
             from ethos.parallel import shard
@@ -151,6 +163,8 @@ class Task(L.LightningModule):
         return getattr(self, "_batch_flops", None)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "probe", False):  # a probe reads fixed features: no dropout in the frozen backbone
+            self.model.eval()
         self._batch_flops = self.step_flops(*self.batch_dims(batch))
 
     def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:

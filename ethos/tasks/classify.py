@@ -21,14 +21,8 @@ class ImageClassifier(Task):
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.model = ViT(model, num_classes, img_size, patch_size, in_chans, pool)
-        if pretrained:  # fine-tune (task=classify) or probe (task=probe) a pretrained ViT: a fresh head
-            from ethos.pretrained import load_backbone
-
-            self.pretrained_from = load_backbone(self.model, pretrained, new=("head.",))
-        self.freeze = freeze
-        if freeze:  # linear probe: only the head learns
-            self.model.requires_grad_(False)
-            self.model.head.requires_grad_(True)
+        # fine-tune (task=classify) or probe (task=probe) a pretrained ViT: a fresh head
+        self.adopt_backbone(pretrained, freeze, new=("head.",))
         if model.compile:
             self.model.trunk.compile()
         self.label_smoothing = label_smoothing
@@ -49,8 +43,6 @@ class ImageClassifier(Task):
         return self.model.flops_per_token(batch_size=batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.freeze:
-            self.model.eval()  # a probe reads fixed features: no dropout in the frozen backbone
         logits = self.model(batch["image"])
         if "target" in batch:  # mixup / cutmix: smoothing is already folded into the soft target
             loss = soft_cross_entropy(logits, batch["target"])

@@ -30,17 +30,12 @@ class SequenceClassifier(Task):
         self.model = (Decoder if backbone == "decoder" else Encoder)(model, vocab_size, pad_id)
         if hasattr(self.model, "mlm_bias"):  # the MLM head's bias: a pretraining head, unused here (and an
             self.model.register_parameter("mlm_bias", None)  # unused parameter would stall DDP)
-        self.pooling, self.freeze = pooling, freeze
+        self.pooling = pooling
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(model.d_model, num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        if pretrained:
-            from ethos.pretrained import load_backbone
-
-            self.pretrained_from = load_backbone(self.model, pretrained)
-        if freeze:  # linear probe: only the head learns
-            self.model.requires_grad_(False)
+        self.adopt_backbone(pretrained, freeze)  # its head lives outside self.model
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -54,8 +49,6 @@ class SequenceClassifier(Task):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.freeze:
-            self.model.eval()  # a probe reads fixed features: no dropout in the frozen backbone
         hidden = self.model(input_ids, attention_mask.bool())
         return self.head(self.drop(self.pool(hidden, attention_mask)))
 

@@ -43,10 +43,6 @@ def task_target(cfg: DictConfig) -> str:
     return target
 
 
-def check_task(cfg: DictConfig) -> None:
-    task_target(cfg)
-
-
 def backbone_for(cfg: DictConfig):
     """A callable model_cfg -> nn.Module with placeholder sizes, for the dry build."""
     from hydra.utils import get_class
