@@ -164,6 +164,7 @@ def train(cfg: DictConfig) -> float | None:
         datamodule.prepare_data()
         datamodule.setup("fit")
         task = task_for(cfg)(model=model_cfg, optim=optim, **datamodule.task_kwargs())
+        task.recipe = recipe(cfg)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if ckpt:
@@ -188,6 +189,16 @@ def train(cfg: DictConfig) -> float | None:
         return float(metric) if metric is not None else None
     finally:
         finish_wandb()
+
+
+def recipe(cfg: DictConfig) -> dict:
+    """What a checkpoint carries to rebuild its model without this config (ethos.pretrained.load_task): the
+    task class, the resolved model config, and the data and seed it trained on. The task's own arguments
+    (vocab size, pad id, head options) are Lightning's `hyper_parameters` beside it."""
+    from ethos.tasks.registry import task_target
+
+    return {"task": task_target(cfg), "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "data": OmegaConf.to_container(cfg.data, resolve=True), "seed": cfg.seed}
 
 
 def finish_wandb() -> None:

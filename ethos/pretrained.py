@@ -1,4 +1,5 @@
-"""Loading a pretrained run's backbone for fine-tuning: strict, with one-line errors that name what differs."""
+"""Loading pretrained runs: a backbone for fine-tuning (strict, with one-line errors that name what differs), or
+a whole task rebuilt from its self-describing checkpoint (for the analysis tools)."""
 
 from pathlib import Path
 
@@ -54,3 +55,30 @@ def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = ()) -
     result = backbone.load_state_dict({k: saved[k] for k in own}, strict=False)
     assert not result.unexpected_keys and all(k.startswith(new) for k in result.missing_keys), result
     return str(path)
+
+
+def load_task(pretrained: str | Path, map_location="cpu"):
+    """The task (LightningModule) a checkpoint holds, rebuilt from the checkpoint alone: its `ethos` record (task
+    class, resolved model config; ethos.cli.recipe) and Lightning's `hyper_parameters`, then its weights loaded
+    strictly. Returns (task in eval mode, the checkpoint dict). No Hydra config or run dir is needed."""
+    import torch
+    from hydra.utils import get_class
+
+    from ethos.config import instantiate
+    from ethos.tasks.base import OptimConfig
+
+    path = checkpoint_path(pretrained)
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    record = ckpt.get("ethos")
+    if not record:
+        raise ConfigError(f"pretrained={pretrained}: the checkpoint does not describe its model (no 'ethos' "
+                          "record: written before checkpoints carried their config); rebuild it from the run's "
+                          ".hydra/config.yaml")
+    options = dict(ckpt.get("hyper_parameters", {}))
+    if "pretrained" in options:
+        options["pretrained"] = None  # the weights come from this checkpoint, not from the run it started from
+    model_cfg = instantiate(record["model"], _convert_="object")
+    task = get_class(record["task"])(model=model_cfg, optim=OptimConfig(), **options)
+    task.load_state_dict(ckpt["state_dict"])
+    task.recipe = record
+    return task.eval(), ckpt

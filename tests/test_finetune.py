@@ -6,6 +6,7 @@ import random
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_train import metrics
 
 from conftest import compose
@@ -187,3 +188,38 @@ def test_vit_starts_from_the_pretrained_backbone_with_a_fresh_head(vit):
         else:
             assert torch.equal(v, pre[f"model.{k}"]), k
     assert [n for n, p in task.named_parameters() if p.requires_grad] == ["model.head.weight", "model.head.bias"]
+
+
+# -- self-describing checkpoints: the analysis tools rebuild a model from the checkpoint alone -----------------
+@pytest.mark.parametrize("run", ["pretrained", "vit"])
+def test_a_checkpoint_rebuilds_its_model_without_the_config(run, request):
+    from ethos.pretrained import load_task
+
+    out = request.getfixturevalue(run)
+    task, ckpt = load_task(out)
+    # the reference: the same task built through the Hydra config, with the same weights
+    overrides = ["debug=tiny"] + (["data=shapes"] if run == "vit" else [])
+    cfg = compose(overrides)
+    assert ckpt["ethos"]["model"] == OmegaConf.to_container(cfg.model, resolve=True)
+    ref = type(task)(build_model_config(cfg), OptimConfig(), **ckpt["hyper_parameters"])
+    ref.load_state_dict(ckpt["state_dict"])
+    ref.eval()
+    torch.manual_seed(0)
+    if run == "vit":
+        x = (torch.rand(2, 3, 32, 32),)
+    else:
+        ids = torch.randint(5, ckpt["hyper_parameters"]["vocab_size"], (2, 16))
+        x = (ids, torch.ones_like(ids, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.equal(task.model(*x), ref.model(*x))
+    assert type(task).__name__ == ("ImageClassifier" if run == "vit" else "MaskedLM")
+
+
+def test_a_checkpoint_without_its_record_fails_in_one_line(pretrained, tmp_path):
+    from ethos.pretrained import load_task
+
+    ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=False)
+    del ckpt["ethos"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=r"pretrained=.*old\.ckpt: the checkpoint does not describe its model"):
+        load_task(tmp_path / "old.ckpt")

@@ -91,6 +91,7 @@ class Task(L.LightningModule):
         super().__init__()
         self.optim = optim
         self.val_history: list[tuple[int, float]] = []  # (step, val/loss); kept in checkpoints
+        self.recipe: dict | None = None  # what rebuilds this task without Hydra (ethos.pretrained.load_task)
 
     def record_val(self, loss) -> None:
         if not self.trainer.sanity_checking:
@@ -98,6 +99,8 @@ class Task(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["val_history"] = list(self.val_history)
+        if self.recipe:  # self-describing: the analysis tools and fine-tunes rebuild the model from this alone
+            checkpoint["ethos"] = self.recipe
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = [tuple(v) for v in checkpoint.get("val_history", [])]
