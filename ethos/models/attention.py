@@ -6,6 +6,10 @@ and the module builds the same tables itself. Every module gets the same common
 constructor arguments from the backbone (d_model, n_heads, head_dim, rope_dims, rope_theta,
 rope_interleave, max_seq_len, dropout); variant-specific ones come from the model config.
 
+Every variant takes the same score-function arguments (ethos/models/scores.py, DESIGN.md §8): `score`
+(softmax | softmax1 | sink | sigmoid | relu), `gate` (none | head | elementwise) and `sigmoid_bias` (null =
+-log n); one `Attend` module does what follows q, k, v for all of them.
+
 Each class has closed forms `param_count(...)` and `flops(..., seq_len=T)` (forward FLOPs per token)
 taking the same arguments as its constructor, so the sizes and costs of a config can be read without
 building it (tests check them against the module and against torch's FlopCounterMode). FLOPs follow the
@@ -16,24 +20,14 @@ sums over the full T x T (also when causal).
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ethos.errors import ConfigError
 from ethos.models.rope import Rope, apply_rope, rope_tables
+from ethos.models.scores import Attend, Gate, Score, sdpa_mask  # noqa: F401 - sdpa_mask: its old home
 from ethos.types import PositiveFloat, PositiveInt
 
 RopeStyle = Literal["partial", "decoupled"]
-
-
-def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tuple[Tensor | None, bool]:
-    """Turn a (B, T) padding mask into what SDPA wants; keeps the fast is_causal path when possible."""
-    if attn_mask is None:
-        return None, is_causal
-    mask = attn_mask[:, None, None, :].bool()  # (B, 1, 1, T): queries may attend to real keys
-    if is_causal:
-        mask = mask & torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return mask, False
 
 
 def _tables(rope: Rope | None, dims: int, theta: float, q: Tensor) -> Rope:
@@ -50,27 +44,33 @@ class MHA(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
                  rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
-                 dropout: float = 0.0, bias: bool = False):
+                 dropout: float = 0.0, bias: bool = False, score: Score = "softmax", gate: Gate = "none",
+                 sigmoid_bias: float | None = None):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim or d_model // n_heads
         inner = n_heads * self.head_dim
         self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)  # rows laid out [W_q; W_k; W_v]
+        self.attend = Attend(d_model, n_heads, self.head_dim, score, gate, sigmoid_bias, bias)
         self.out = nn.Linear(inner, d_model, bias=bias)
         self.rope_dims, self.rope_theta, self.rope_interleave = rope_dims, rope_theta, rope_interleave
         self.dropout = dropout
 
     @staticmethod
     def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
-                    bias: bool = False, **_) -> int:
-        inner = n_heads * (head_dim or d_model // n_heads)
-        return 4 * d_model * inner + bias * (3 * inner + d_model)
+                    bias: bool = False, score: str = "softmax", gate: str = "none", **_) -> int:
+        d_h = head_dim or d_model // n_heads
+        inner = n_heads * d_h
+        return (4 * d_model * inner + bias * (3 * inner + d_model)
+                + Attend.param_count(d_model, n_heads, d_h, score, gate, bias))
 
     @staticmethod
     def flops(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *, seq_len: int,
-              **_) -> int:
-        inner = n_heads * (head_dim or d_model // n_heads)
-        # W_qkv and W_O; q k^T and p v: T * d_h multiply-adds per head each
-        return 2 * 4 * d_model * inner + 2 * 2 * seq_len * inner
+              score: str = "softmax", gate: str = "none", **_) -> int:
+        d_h = head_dim or d_model // n_heads
+        inner = n_heads * d_h
+        # W_qkv and W_O; q k^T and p v: T * d_h multiply-adds per head each; the gate
+        return (2 * 4 * d_model * inner + 2 * 2 * seq_len * inner
+                + Attend.flops(d_model, n_heads, d_h, d_h, score, gate))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
                 rope: Rope | None = None) -> Tensor:
@@ -79,10 +79,7 @@ class MHA(nn.Module):
         if self.rope_dims:
             rope = _tables(rope, self.rope_dims, self.rope_theta, q)
             q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
-        mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(B, T, -1))
+        return self.out(self.attend(x, q, k, v, attn_mask, is_causal, dropout_p=self.dropout))
 
 
 class MLA(nn.Module):
@@ -105,7 +102,8 @@ class MLA(nn.Module):
                  rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
                  dropout: float = 0.0, q_latent: PositiveInt | None = None, kv_latent: PositiveInt = 64,
                  v_head_dim: PositiveInt | None = None, rope_style: RopeStyle = "partial", bias: bool = False,
-                 norm_eps: PositiveFloat = 1e-6):
+                 norm_eps: PositiveFloat = 1e-6, score: Score = "softmax", gate: Gate = "none",
+                 sigmoid_bias: float | None = None):
         super().__init__()
         head_dim = head_dim or d_model // n_heads
         if rope_style == "decoupled" and (rope_dims < 2 or rope_dims % 2):
@@ -125,6 +123,7 @@ class MLA(nn.Module):
         self.q_b = nn.Linear(q_latent, n_heads * self.d_qk, bias=False) if q_latent else None
         self.kv_norm = nn.RMSNorm(kv_latent, eps=norm_eps)
         self.kv_b = nn.Linear(kv_latent, n_heads * (self.d_k + self.d_v), bias=False)
+        self.attend = Attend(d_model, n_heads, self.d_v, score, gate, sigmoid_bias, bias)
         self.out = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
         self.rope_dims, self.rope_theta, self.rope_interleave = rope_dims, rope_theta, rope_interleave
         self.scale = self.d_qk ** -0.5
@@ -133,7 +132,8 @@ class MLA(nn.Module):
     @staticmethod
     def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
                     q_latent: int | None = None, kv_latent: int = 64, v_head_dim: int | None = None,
-                    rope_style: str = "partial", bias: bool = False, **_) -> int:
+                    rope_style: str = "partial", bias: bool = False, score: str = "softmax", gate: str = "none",
+                    **_) -> int:
         d_k = head_dim or d_model // n_heads
         d_v = v_head_dim or d_k
         d_r = rope_dims if rope_style == "decoupled" else 0
@@ -144,12 +144,13 @@ class MLA(nn.Module):
             q = d_model * q_heads
         kv = d_model * (kv_latent + d_r) + kv_latent + kv_latent * n_heads * (d_k + d_v)
         down_bias = (q_latent or q_heads) + kv_latent + d_r
-        return q + kv + n_heads * d_v * d_model + bias * (down_bias + d_model)
+        return (q + kv + n_heads * d_v * d_model + bias * (down_bias + d_model)
+                + Attend.param_count(d_model, n_heads, d_v, score, gate, bias))
 
     @staticmethod
     def flops(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *, seq_len: int,
               q_latent: int | None = None, kv_latent: int = 64, v_head_dim: int | None = None,
-              rope_style: str = "partial", **_) -> int:
+              rope_style: str = "partial", score: str = "softmax", gate: str = "none", **_) -> int:
         d_k = head_dim or d_model // n_heads
         d_v = v_head_dim or d_k
         d_r = rope_dims if rope_style == "decoupled" else 0
@@ -157,7 +158,8 @@ class MLA(nn.Module):
         down = d_model * ((q_latent or q_heads) + kv_latent + d_r)  # fused W_qa (or W_q), W_kva, W_kr
         up = (q_latent or 0) * q_heads + kv_latent * n_heads * (d_k + d_v)  # W_qb, W_kvb
         scores = seq_len * (q_heads + n_heads * d_v)  # q k^T over d_k + d_r channels, p v over d_v
-        return 2 * (down + up + scores + n_heads * d_v * d_model)
+        return (2 * (down + up + scores + n_heads * d_v * d_model)
+                + Attend.flops(d_model, n_heads, d_k + d_r, d_v, score, gate))
 
     def project_out(self, o: Tensor) -> Tensor:
         """(B, T, H * d_v) concatenated head outputs -> (B, T, d)."""
@@ -182,10 +184,7 @@ class MLA(nn.Module):
             k = torch.cat((k, k_r), dim=-1)
         elif self.rope_dims:  # partial: rotate the first rope_dims channels of every q and k head
             q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
-        mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.project_out(o.transpose(1, 2).reshape(B, T, H * self.d_v))
+        return self.project_out(self.attend(x, q, k, v, attn_mask, is_causal, self.scale, self.dropout))
 
 
 class MLAO(MLA):
@@ -202,9 +201,11 @@ class MLAO(MLA):
                  rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
                  dropout: float = 0.0, q_latent: PositiveInt | None = None, kv_latent: PositiveInt = 64,
                  v_head_dim: PositiveInt | None = None, rope_style: RopeStyle = "partial", bias: bool = False,
-                 norm_eps: PositiveFloat = 1e-6, o_latent: PositiveInt = 64):
+                 norm_eps: PositiveFloat = 1e-6, score: Score = "softmax", gate: Gate = "none",
+                 sigmoid_bias: float | None = None, o_latent: PositiveInt = 64):
         super().__init__(d_model, n_heads, head_dim, rope_dims, rope_theta, rope_interleave, max_seq_len,
-                         dropout, q_latent, kv_latent, v_head_dim, rope_style, bias, norm_eps)
+                         dropout, q_latent, kv_latent, v_head_dim, rope_style, bias, norm_eps, score, gate,
+                         sigmoid_bias)
         self.o_latent = o_latent
         inner = self.out.in_features
         del self.out

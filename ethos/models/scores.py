@@ -1,0 +1,253 @@
+"""Attention score functions and the output gate, one implementation for MHA, MLA and MLA-o (DESIGN.md §8).
+
+Per head, s = q.k * scale over the keys a query may attend to (`allowed`: its row's real tokens, and for
+causal attention those at or before it); p are the weights of the values, o = sum_j p_j v_j:
+
+    softmax   p = exp(s) / sum exp(s)                                    (SDPA, unchanged)
+    softmax1  p = exp(s) / (1 + sum exp(s))                              (off-by-one: may attend to nothing)
+    sink      p = exp(s) / (exp(theta_h) + sum exp(s)), theta_h learned  (gpt-oss)
+    sigmoid   p = sigmoid(s + b), b = -log(n) unless `sigmoid_bias` set  (Ramapuram et al. 2024)
+    relu      p = relu(s) / n                                            (Wortsman et al. 2023)
+    gate      o_h <- o_h * sigmoid(x W_g), per head (W_g: d -> H) or per channel (d -> H * d_v), before W_O
+              (Qiu et al. 2025)
+
+n is the number of keys the query may attend to: its row's real tokens, and for causal attention only
+those up to it. For unpadded bidirectional attention that is the sequence length, the papers' n; counting
+per query keeps the output of a row independent of the padding around it and a causal row independent
+of the future (a sequence length would tell early positions how long their document is). A row with no
+key gets n = 1, so sigmoid and relu give it zero output, not NaN.
+
+Paths: softmax keeps its SDPA call. softmax1 and sink run exactly on SDPA with one appended null key
+(`null_key_sdpa`). sigmoid and relu run on FlexAttention where it trains on the device (`flex_usable`),
+else on the plain path (`plain`), which also serves `record_attention`: only then are probabilities
+materialised, so training speed is untouched.
+"""
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ethos.errors import ConfigError
+
+Score = Literal["softmax", "softmax1", "sink", "sigmoid", "relu"]
+Gate = Literal["none", "head", "elementwise"]
+NULL_KEY = ("softmax1", "sink")  # scores with a slot for "nothing"
+
+
+def allowed_keys(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> Tensor | None:
+    """(B|1, 1, T|1, T) bool, True where query t may attend to key j; None when every key is allowed."""
+    mask = attn_mask[:, None, None, :].bool() if attn_mask is not None else None
+    if is_causal:
+        tril = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = tril if mask is None else mask & tril
+    return mask
+
+
+def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tuple[Tensor | None, bool]:
+    """Turn a (B, T) padding mask into what SDPA wants; keeps the fast is_causal path when possible."""
+    if attn_mask is None:
+        return None, is_causal
+    return allowed_keys(attn_mask, is_causal, T, device), False
+
+
+def key_counts(allowed: Tensor | None, T: int, like: Tensor) -> Tensor:
+    """n per query, (B|1, 1, T|1, 1) in like's dtype, at least 1 (see the module docstring)."""
+    if allowed is None:
+        return like.new_full((1, 1, 1, 1), T)
+    return allowed.sum(-1, keepdim=True).clamp(min=1).to(like.dtype)
+
+
+def plain(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float, score: str,
+          sink: Tensor | None = None, sigmoid_bias: float | None = None, dropout_p: float = 0.0,
+          ) -> tuple[Tensor, Tensor]:
+    """Any score function written out in PyTorch: (o, p), p (B, H, T, T) the weights of the real keys."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    T = k.shape[-2]
+    if score in ("softmax", *NULL_KEY):
+        if allowed is not None:
+            s = s.masked_fill(~allowed, float("-inf"))
+        if score == "softmax":
+            p = s.softmax(-1)
+        else:  # the null slot: logit 0 (softmax1) or theta_h (sink); its weight is dropped with its zero value
+            null = sink.to(s.dtype).view(1, -1, 1, 1) if score == "sink" else s.new_zeros(())
+            p = torch.cat((s, null.expand(*s.shape[:-1], 1)), -1).softmax(-1)[..., :-1]
+    else:
+        n = key_counts(allowed, T, s)
+        if score == "sigmoid":
+            p = torch.sigmoid(s + (sigmoid_bias if sigmoid_bias is not None else -torch.log(n)))
+        else:
+            p = F.relu(s) / n
+        if allowed is not None:
+            p = p.masked_fill(~allowed, 0.0)
+    pd = F.dropout(p, dropout_p) if dropout_p else p
+    return pd @ v, p
+
+
+def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
+                  sink: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax1 (sink None) or sink on SDPA, exactly: one null key is appended with a zero key and a zero
+    value. Its score is q.0 * scale = 0 exactly, plus theta_h from a float bias column for sink; the
+    real keys keep their scores, so SDPA's softmax over T + 1 keys is exp(s_j) / (exp(theta) + sum exp(s))
+    for them, and the zero value adds exactly nothing to o. Every query may attend to the null key, so a
+    row with no real key attends to nothing: o = 0."""
+    B, H, T, _ = q.shape
+    k = torch.cat((k, k.new_zeros(B, H, 1, k.shape[-1])), 2)
+    v = torch.cat((v, v.new_zeros(B, H, 1, v.shape[-1])), 2)
+    allowed = allowed_keys(attn_mask, is_causal, T, q.device)
+    if sink is None:  # softmax1: the null key's logit is its score, 0: a bool column (or no mask at all)
+        mask = None if allowed is None else F.pad(allowed, (0, 1), value=True)
+    else:  # sink: the learned logit as a float bias column (SDPA adds it to the scores; it has a gradient)
+        rows = 1 if allowed is None else allowed.shape[2]
+        real = q.new_zeros(1, 1, rows, T) if allowed is None else \
+            torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+        b = real.shape[0]
+        null = sink.to(q.dtype).view(1, H, 1, 1).expand(b, H, rows, 1)
+        mask = torch.cat((real.expand(b, H, rows, T), null), -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+
+
+# ---------------------------------------------------------------- FlexAttention for sigmoid and relu
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float, score: str,
+         sigmoid_bias: float | None = None, compiled: bool = True) -> Tensor:
+    """sigmoid / relu on FlexAttention. Flex normalises like softmax: o = sum e^m(s) v / sum e^m(s). With
+    m(s) = log p(s) (log sigmoid(s + b), or log relu(s): -inf at s <= 0) the weights e^m are p, and the
+    unnormalised sum is o * exp(lse); relu then divides by n. A row whose weights are all 0 comes back
+    with o = 0 and lse = -inf: zero, not NaN."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    B, H, T, _ = q.shape
+    allowed = allowed_keys(attn_mask, is_causal, T, q.device)
+    n = key_counts(allowed, T, q.float()).expand(B, 1, T, 1).reshape(B, T)
+    pad = attn_mask.bool() if attn_mask is not None else None
+
+    def mask_mod(b, h, qi, ki):
+        keep = pad[b, ki] if pad is not None else qi >= 0
+        return keep & (ki <= qi) if is_causal else keep
+
+    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device) if allowed is not None else None
+    if score == "sigmoid":
+        def score_mod(s, b, h, qi, ki):
+            return F.logsigmoid(s + (sigmoid_bias if sigmoid_bias is not None else -torch.log(n[b, qi])))
+    else:
+        def score_mod(s, b, h, qi, ki):  # the inner where keeps log's gradient finite where s <= 0
+            return torch.where(s > 0, torch.log(torch.where(s > 0, s, 1.0)), float("-inf"))
+    fn = _compiled_flex() if compiled else flex_attention
+    o, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    o = o * aux.lse.exp().to(o.dtype)[..., None]
+    return o if score == "sigmoid" else o / n[:, None, :, None].to(o.dtype)
+
+
+@functools.cache
+def flex_usable(device_type: str) -> bool:
+    """Whether sigmoid / relu run on FlexAttention on this device: it must compile, train (forward and
+    backward, through lse) and agree with the plain path; checked once per device type. Never on CPU: in
+    torch 2.14 FlexAttention has no CPU backward (NotImplementedError, measured) and its eager fallback
+    materialises the scores as the plain path does, so the plain path is the faster trainable one there."""
+    if device_type != "cuda":
+        return False
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(2, 2, 128, 16, device="cuda", generator=g, requires_grad=True) for _ in range(3))
+        pad = torch.ones(2, 128, dtype=torch.bool, device="cuda")
+        pad[1, 100:] = False
+        for score in ("sigmoid", "relu"):
+            a = flex(q, k, v, pad, True, 0.25, score)
+            b = plain(q, k, v, allowed_keys(pad, True, 128, "cuda"), 0.25, score)[0]
+            ga, gb = (torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (a, b))
+            if not all(torch.allclose(x, y, rtol=1e-2, atol=1e-3) for x, y in zip((a, *ga), (b, *gb))):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - no Triton, an older torch, no lse gradient: the plain path then
+        return False
+
+
+# ---------------------------------------------------------------- the module every attention class calls
+class Attend(nn.Module):
+    """The attention core after q, k, v: score function, dropout on the weights, the output gate.
+
+    forward(x, q, k, v, ...) with q, k (B, H, T, d_qk), v (B, H, T, d_v) and x the attention input (the
+    gate reads it) returns the concatenated head outputs (B, T, H * d_v), ready for W_O. Parameters:
+    `sink` (H,) learned null logits for score=sink (no weight decay: a logit, not a projection) and
+    `gate` (a Linear, decayed as every projection).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_v: int, score: Score = "softmax", gate: Gate = "none",
+                 sigmoid_bias: float | None = None, bias: bool = False):
+        super().__init__()
+        if sigmoid_bias is not None and score != "sigmoid":  # a silently ignored key would mislead an ablation
+            raise ConfigError(f"model.attn.sigmoid_bias={sigmoid_bias}: only score=sigmoid uses it "
+                              f"(model.attn.score={score!r}); set it to null")
+        self.score, self.sigmoid_bias, self.n_heads = score, sigmoid_bias, n_heads
+        # zeros: a sink starts as softmax1
+        self.sink = nn.Parameter(torch.zeros(n_heads)) if score == "sink" else None
+        self.gate = nn.Linear(d_model, gate_width(n_heads, d_v, gate), bias=bias) if gate != "none" else None
+        self.probe: Callable | None = None  # set by record_attention
+
+    @staticmethod
+    def param_count(d_model: int, n_heads: int, d_v: int, score: str = "softmax", gate: str = "none",
+                    bias: bool = False) -> int:
+        width = gate_width(n_heads, d_v, gate)
+        return (score == "sink") * n_heads + width * (d_model + bias)
+
+    @staticmethod
+    def flops(d_model: int, n_heads: int, d_qk: int, d_v: int, score: str = "softmax", gate: str = "none") -> int:
+        """Forward FLOPs per token on top of the T x T scores and weighted sums: the gate projection, and
+        the null key's column of q k^T and p v on the SDPA path of softmax1 and sink."""
+        null = n_heads * (d_qk + d_v) if score in NULL_KEY else 0
+        return 2 * (d_model * gate_width(n_heads, d_v, gate) + null)
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+        B, T = x.shape[:2]
+        dropout_p = dropout_p if self.training else 0.0
+        if self.probe is not None:
+            allowed = allowed_keys(attn_mask, is_causal, T, x.device)
+            o, p = plain(q, k, v, allowed, scale or q.shape[-1] ** -0.5, self.score, self.sink, self.sigmoid_bias,
+                         dropout_p)
+            self.probe(self, p, allowed)
+        elif self.score == "softmax":
+            mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                               dropout_p=dropout_p)
+        elif self.score in NULL_KEY:
+            o = null_key_sdpa(q, k, v, attn_mask, is_causal, scale, self.sink, dropout_p)
+        elif not dropout_p and flex_usable(q.device.type):  # FlexAttention has no dropout
+            o = flex(q, k, v, attn_mask, is_causal, scale or q.shape[-1] ** -0.5, self.score, self.sigmoid_bias)
+        else:
+            allowed = allowed_keys(attn_mask, is_causal, T, x.device)
+            o = plain(q, k, v, allowed, scale or q.shape[-1] ** -0.5, self.score, None, self.sigmoid_bias,
+                      dropout_p)[0]
+        o = o.transpose(1, 2)  # (B, T, H, d_v)
+        if self.gate is not None:
+            o = o * torch.sigmoid(self.gate(x)).view(B, T, self.n_heads, -1)
+        return o.reshape(B, T, -1)
+
+
+def gate_width(n_heads: int, d_v: int, gate: str) -> int:
+    return {"none": 0, "head": n_heads, "elementwise": n_heads * d_v}[gate]
+
+
+@contextmanager
+def record_attention(model: nn.Module, probe: Callable[[Attend, Tensor, Tensor | None], None]) -> Iterator[list]:
+    """Within the block, every attention of `model` runs the plain path and calls probe(attend, p, allowed)
+    with its weights p (B, H, T, T) and allowed keys (or None): for measurements, never for training."""
+    mods = [m for m in model.modules() if isinstance(m, Attend)]
+    for m in mods:
+        m.probe = probe
+    try:
+        yield mods
+    finally:
+        for m in mods:
+            m.probe = None
