@@ -24,9 +24,11 @@ NO_DECAY = [
     r"\.router\.sub_keys$",                        # expert keys (PEER and ETHOS alike)
     r"\.ffn\.(down|up)\.weight$",                  # PEER's expert tables u_i, v_i
     r"\.ffn\.latents$",                            # ETHOS's expert table z_i
+    r"\.attn\.attend\.sink$",                      # score=sink: learned per-head null logits
 ]
 DECAY = [
     r"\.attn\.(qkv|out|qkv_a|q_b|kv_b|o_a|o_b)\.weight$",  # attention projections (MHA, MLA, MLA-o)
+    r"\.attn\.attend\.gate\.weight$",              # the output gate's projection W_g
     r"\.ffn\.(w13|w1|w2)\.weight$",                # dense FFNs (SwiGLU, MLP)
     r"\.router\.query\.weight$",                   # the product-key router's query projection
     r"\.ffn\.(w1|w_u|w_v)$",                       # ETHOS's generator: shared projections
@@ -37,7 +39,10 @@ DECAY = [
 MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 BACKBONES = {"encoder": [], "decoder": ["task=clm"], "vit": ["data=shapes"]}
 EXTRA = {"mlp-ffn": ["model/ffn=mlp"], "learned-pos": ["model.learned_pos=true"],
-         "dense-layers": ["model.num_dense_layers=1"], "layernorm": ["model.norm=layernorm"]}
+         "dense-layers": ["model.num_dense_layers=1"], "layernorm": ["model.norm=layernorm"],
+         "sink-head-gate": ["model.attn.score=sink", "model.attn.gate=head", "model.attn.bias=true"],
+         "mla-sink-gate-dense": ["model=mla", "model.attn.score=sink", "model.attn.gate=elementwise",
+                                 "model.num_dense_layers=1"]}
 
 
 def build_task(overrides: list[str], tmp_path):
