@@ -1,0 +1,2 @@
+"""Checkpoint analysis: attention weights read one layer at a time in one layout (checkpoints.py), their
+singular-value spectra and effective ranks (spectra.py)."""

@@ -1,0 +1,222 @@
+"""Singular-value spectra and effective ranks of every attention matrix of a checkpoint, layer by layer.
+
+    python -m ethos.analysis.spectra SOURCE --out DIR [--layers 0,30,60] [--first N] [--dtype float64]
+
+SOURCE: a HF repo id (only the shards holding attention tensors are downloaded), a local directory of
+safetensors in the HF layout, or an ethos run dir / .ckpt (ethos/analysis/checkpoints.py reads them all into
+one layout). Per layer and, where it has heads, per head (DESIGN.md §4):
+
+    o_head  W_O_h (d_v x d)          o    stacked W_O (H d_v x d)
+    qk      W_QK_h = W_q_h W_k_g^T   (MLA: nope part, in latent coordinates, r_q x r_kv; MHA/GQA: d x d)
+    vo      W_VO_h = W_v_g W_O_h     (MLA: r_kv x d; MHA/GQA: d x d)
+    qa, kva, kr                      the MLA down-projections and the shared rope key head
+
+Fused products are never formed: svdvals(A B^T) = svdvals(R_A R_B^T) with thin QR factors A = Q_A R_A,
+B = Q_B R_B, batched over heads; it is exact and reports the min(m, n, k) singular values the product can
+have (the rest are exactly 0). Whole matrices go through the eigenvalues of the Gram matrix of their smaller
+side, accumulated in --dtype a few rows at a time. Measures: effective rank at tau (smallest r with
+sum_{j<=r} s_j^2 / sum s_j^2 >= tau) for tau = 0.99, 0.999; stable rank ||W||_F^2 / s_1^2; s_1.
+
+DIR gets svals/layer_XXX.npz (the singular values; `shape_<kind>` holds each matrix's shape), spectra.csv and
+spectra.json (one row per layer x kind x head; head is empty for whole matrices), meta.json, and at the end
+erank.png, heatmap_<kind>.png and spectra_layer_<i>.png. The npz and the tables are written after every
+layer; a run started again on the same DIR skips the layers it already has.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ethos.analysis.checkpoints import AttentionWeights, open_source
+from ethos.errors import ConfigError
+
+TAUS = (0.99, 0.999)
+HEAD_KINDS = ("o_head", "qk", "vo")
+LAYER_KINDS = ("o", "qa", "kva", "kr")
+COLUMNS = ["layer", "kind", "head", "rows", "cols", "n_sv", "sigma_1", "stable_rank",
+           *[f"erank_{t}" for t in TAUS]]
+
+
+def effective_rank(s: Tensor, tau: float) -> Tensor:
+    """Smallest r with sum_{j<=r} s_j^2 / sum_j s_j^2 >= tau, over the last dim of descending s (0 for W = 0)."""
+    e = s.double() ** 2
+    total = e.sum(-1, keepdim=True)
+    r = (e.cumsum(-1) < tau * total).sum(-1) + 1
+    return torch.where(total[..., 0] > 0, r.clamp(max=s.shape[-1]), 0)
+
+
+def stable_rank(s: Tensor) -> Tensor:
+    s = s.double()
+    return (s ** 2).sum(-1) / (s[..., 0] ** 2).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def r_factor(x: Tensor, dtype: torch.dtype, max_elems: int = 1 << 24) -> Tensor:
+    """R of the thin QR of each matrix of a batch (B, m, k) -> (B, min(m, k), k), a few matrices at a time: a
+    `dtype` copy of the whole batch would double the layer's memory."""
+    step = max(1, max_elems // max(1, x.shape[1] * x.shape[2]))
+    return torch.cat([torch.linalg.qr(x[i:i + step].to(dtype), mode="r").R for i in range(0, len(x), step)])
+
+
+def gram_svdvals(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 24) -> Tensor:
+    """Singular values of a 2-D matrix (any strides) from the eigenvalues of the Gram matrix of its smaller side,
+    accumulated in `dtype` over slices of the larger one; descending, min(m, n) of them."""
+    if w.shape[0] < w.shape[1]:
+        w = w.T
+    m, n = w.shape
+    g = torch.zeros(n, n, dtype=dtype)
+    step = max(1, max_elems // n)
+    for i in range(0, m, step):
+        x = w[i:i + step].to(dtype)
+        g.addmm_(x.T, x)
+    return torch.linalg.eigvalsh(g).flip(-1).clamp_min(0).sqrt()
+
+
+def layer_spectra(source, layer: int, dtype: torch.dtype = torch.float64) -> tuple[dict, dict]:
+    """({kind: singular values}, {kind: (rows, cols)}) of one layer: per-head kinds (H, k), whole ones (k,).
+    W_O is read and measured first and let go before the rest is read, so peak memory is the larger stage."""
+    svals, shapes = {}, {}
+    w: AttentionWeights = source.read(layer, ("o",))
+    H, d_v, d = w.o.shape
+    r_o = r_factor(w.o.transpose(1, 2), dtype)  # W_O_h^T = Q R: svdvals(W_O_h) = svdvals(R), and R serves W_VO_h
+    svals["o_head"], shapes["o_head"] = torch.linalg.svdvals(r_o), (d_v, d)
+    svals["o"], shapes["o"] = gram_svdvals(w.o.reshape(H * d_v, d), dtype), (H * d_v, d)
+    del w
+    w = source.read(layer, ("q", "k", "v", "qa", "kva", "kr"))
+    kv, d_k = w.kv_head, w.k.shape[-1]
+    r_q, r_k = r_factor(w.q[..., :d_k], dtype), r_factor(w.k, dtype)
+    svals["qk"], shapes["qk"] = torch.linalg.svdvals(r_q @ r_k[kv].mT), (w.q.shape[1], w.k.shape[1])
+    r_v = r_factor(w.v, dtype)
+    svals["vo"], shapes["vo"] = torch.linalg.svdvals(r_v[kv] @ r_o.mT), (w.v.shape[1], d)
+    for kind in ("qa", "kva", "kr"):
+        m = getattr(w, kind)
+        if m is not None:
+            svals[kind], shapes[kind] = gram_svdvals(m, dtype), tuple(m.shape)
+    return svals, shapes
+
+
+def rows_of(layer: int, svals: dict, shapes: dict) -> list[dict]:
+    rows = []
+    for kind, s in svals.items():
+        s = torch.as_tensor(s)
+        per_head = s.ndim == 2
+        s2 = s if per_head else s[None]
+        er = {t: effective_rank(s2, t) for t in TAUS}
+        sr = stable_rank(s2)
+        for h in range(len(s2)):
+            rows.append({"layer": layer, "kind": kind, "head": h if per_head else None,
+                         "rows": int(shapes[kind][0]), "cols": int(shapes[kind][1]), "n_sv": s2.shape[-1],
+                         "sigma_1": float(s2[h, 0]), "stable_rank": float(sr[h]),
+                         **{f"erank_{t}": int(er[t][h]) for t in TAUS}})
+    return rows
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def save_layer(out: Path, layer: int, svals: dict, shapes: dict) -> None:
+    import numpy as np
+
+    arrays = {k: v.double().numpy() for k, v in svals.items()}
+    arrays.update({f"shape_{k}": np.array(v) for k, v in shapes.items()})
+    path = out / "svals" / f"layer_{layer:03d}.npz"
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(path, write)
+
+
+def load_layer(path: Path) -> tuple[dict, dict]:
+    import numpy as np
+
+    with np.load(path) as z:
+        svals = {k: torch.from_numpy(z[k]) for k in z.files if not k.startswith("shape_")}
+        shapes = {k.removeprefix("shape_"): tuple(int(x) for x in z[k]) for k in z.files if k.startswith("shape_")}
+    return svals, shapes
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+    rows = sorted(rows, key=lambda r: (r["layer"], r["kind"], -1 if r["head"] is None else r["head"]))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic(out / "spectra.csv", write_csv)
+    _atomic(out / "spectra.json", lambda tmp: tmp.write_text(json.dumps(rows)))
+
+
+def analyse(source: str, out: str | Path, plot_layers: list[int] | None = None, first: int | None = None,
+            dtype: torch.dtype = torch.float64, revision: str | None = None, progress: bool = True) -> list[dict]:
+    """Measure every layer of SOURCE (the first `first`), resuming from what `out` holds; returns the rows."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    src = open_source(source, revision)
+    meta = {"source": str(source), "description": src.description, "n_layers": src.n_layers}
+    (out / "svals").mkdir(parents=True, exist_ok=True)
+    if (out / "meta.json").is_file():
+        old = json.loads((out / "meta.json").read_text())
+        if old.get("description") != meta["description"]:
+            raise ConfigError(f"--out {out}: holds the spectra of {old.get('source')} ({old.get('description')}), "
+                              f"not of {source}: choose another --out")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    layers = range(src.n_layers if first is None else min(first, src.n_layers))
+    rows, todo = [], []
+    for i in layers:
+        path = out / "svals" / f"layer_{i:03d}.npz"
+        if path.is_file():
+            rows += rows_of(i, *load_layer(path))
+        else:
+            todo.append(i)
+    for i in tqdm(todo, desc="layers", unit="layer", disable=not progress, initial=len(layers) - len(todo),
+                  total=len(layers)):
+        svals, shapes = layer_spectra(src, i, dtype)
+        save_layer(out, i, svals, shapes)
+        rows += rows_of(i, svals, shapes)
+        write_tables(out, rows)
+    write_tables(out, rows)
+    if plot_layers is None:
+        plot_layers = sorted({layers[0], layers[len(layers) // 2], layers[-1]}) if len(layers) else []
+    from ethos.analysis.plots import plot_all
+
+    plot_all(out, rows, [i for i in plot_layers if i in layers])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ethos.analysis.spectra", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="HF repo id, local directory of safetensors, or ethos run dir / .ckpt")
+    p.add_argument("--out", required=True, help="output directory (a run on the same one resumes)")
+    p.add_argument("--layers", default=None, help="layers whose spectra are plotted, e.g. 0,30,60 "
+                                                  "(default: first, middle, last)")
+    p.add_argument("--first", type=int, default=None, help="analyse only the first N layers")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    args = p.parse_args(argv)
+    try:
+        plot_layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        p.error(f"--layers={args.layers}: expected comma-separated layer indices, e.g. 0,30,60")
+    try:
+        rows = analyse(args.source, args.out, plot_layers, args.first, getattr(torch, args.dtype), args.revision)
+    except ConfigError as e:
+        print(f"ethos: {e.kind}: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{len(rows)} rows -> {Path(args.out) / 'spectra.csv'}")
+
+
+if __name__ == "__main__":
+    main()
