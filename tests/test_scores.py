@@ -287,3 +287,31 @@ def test_closed_forms_count_gates_and_sinks():
                     == sum(p.numel() for p in m.parameters()), (cls, score, gate)
     d_v = 16
     assert Attend.param_count(48, 4, d_v, "sink", "elementwise") == 4 + 48 * 4 * d_v
+
+
+# ---------------------------------------------------------------- training on the offline default
+@pytest.mark.parametrize("score", SCORES)
+def test_short_run_trains_and_logs_artifacts(score, cache_dir, tmp_path):
+    """Each score function (sink and sigmoid with a gate, to train those parameters too) learns on the
+    offline corpus, and the artifact callback logs its metrics for every layer at every validation."""
+    from conftest import compose
+    from ethos.cli import train
+    from test_train import metrics
+
+    gate = {"sink": "head", "sigmoid": "elementwise"}.get(score, "none")
+    cfg = compose(["debug=tiny", "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6", "data.batch_size=8",
+                   "optim.lr=3e-3", f"model.attn.score={score}", f"model.attn.gate={gate}"], output_dir=tmp_path)
+    train(cfg)
+    m = metrics(tmp_path)
+    val = [v for _, v in m["val/loss"]]
+    assert len(val) == 3 and val[2] < val[1] < val[0] - 0.3, val
+    for layer in range(2):
+        keys = ["first_mass", "sep_mass", "entropy", "max_activation"] + (["null_mass"] if score in ("softmax1", "sink")
+                                                                          else [])
+        for k in keys:
+            got = m.get(f"artifacts/layer{layer}/{k}", [])
+            assert [s for s, _ in got] == [s for s, _ in m["val/loss"]], (k, got)  # at every validation
+            assert all(math.isfinite(v) for _, v in got), (k, got)
+        assert "artifacts/layer{layer}/null_mass" not in m or score in ("softmax1", "sink")
+        assert all(0 <= v <= 1 for _, v in m[f"artifacts/layer{layer}/first_mass"])
+        assert all(v > 0 for _, v in m[f"artifacts/layer{layer}/max_activation"])
