@@ -98,6 +98,10 @@ def check_across_groups(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.fused=true: Lightning cannot clip the gradients of a fused optimizer under "
                           f"trainer.precision={cfg.trainer.precision} (trainer.gradient_clip_val="
                           f"{cfg.trainer.gradient_clip_val}); set optim.fused=null or trainer.gradient_clip_val=null")
+    patch = cfg.task.get("patch_size") if cfg.get("task") else None
+    if modality(cfg) == "image" and patch and cfg.data.img_size % patch:
+        raise ConfigError(f"task.patch_size={patch}: must divide data.img_size={cfg.data.img_size} (null: chosen "
+                          "from the image size)")
     if modality(cfg) == "text" and cfg.model.learned_pos and cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len}: longer than model.max_seq_len={cfg.model.max_seq_len}"
                           " (the learned position table); raise model.max_seq_len or lower data.seq_len")

@@ -11,7 +11,12 @@ from ethos.cli import build_model_config, check, find_resume_ckpt
 from ethos.config import instantiate, run_dir_name
 from ethos.errors import ConfigError
 
-GROUPS = ["model", "model/attn", "model/ffn", "data", "optim", "trainer", "logger", "callbacks", "experiment", "debug"]
+GROUPS = ["model", "model/attn", "model/ffn", "data", "task", "optim", "trainer", "logger", "callbacks", "experiment",
+          "debug"]
+NEEDS = {  # what an option cannot run without: its data, or keys that have no sensible default
+    "data=text_labels": ["data.data_files.train=a.csv", "data.data_files.validation=b.csv", "data.num_classes=2"],
+    "task=finetune": ["data=docstrings"], "task=classify": ["data=shapes"], "task=probe": ["data=shapes"],
+}
 
 
 def options(group: str) -> list[str]:
@@ -20,7 +25,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_builds(group, option, tmp_path):
-    cfg = compose([f"{group}={option}"], output_dir=tmp_path)
+    cfg = compose([f"{group}={option}", *NEEDS.get(f"{group}={option}", [])], output_dir=tmp_path)
     model_cfg, _ = check(cfg)  # types and keys of every group, then a dry build of the backbone on meta
     assert model_cfg.d_model == cfg.model.d_model
     data = instantiate(cfg.data)
@@ -83,7 +88,9 @@ BAD_VALUES = [
     (["data.batch_size=abc"], "data.batch_size='abc': must be an integer > 0"),
     (["data.mlm_probability=1.5"], "data.mlm_probability=1.5: must be a number > 0 and < 1"),
     (["data.packing=zip"], "data.packing='zip': must be one of 'pack', 'truncate'"),
-    (["data=shapes", "data.vit.pool=max"], "data.vit.pool='max': must be one of 'cls', 'avg'"),
+    (["data=shapes", "task=classify", "task.pool=max"], "task.pool='max': must be one of 'cls', 'avg'"),
+    (["data=shapes", "task=probe", "task.patch_size=5"], "task.patch_size=5: must divide data.img_size=32"),
+    (["data=text_labels", "+data.data_files.test=x.csv"], "data.data_files.test: unknown key (valid: train, valid"),
     (["data=shapes", "data.scale=[0.5]"], "data.scale=[0.5]: must be a list of 2, each a number >= 0 and <= 1"),
     (["optim.lr=abc"], "optim.lr='abc': must be a number > 0"),
     (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: must be a list of 2, each a number > 0 and < 1"),

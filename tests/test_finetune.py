@@ -131,9 +131,29 @@ def test_glue_schema_through_load_dataset(pretrained, tmp_path, task, columns):
 def test_bad_data_config_fails_before_loading():
     with pytest.raises(ConfigError, match="data.source='stsb'"):
         TextClassificationDataModule(source="stsb")
-    with pytest.raises(ConfigError, match="data.data_files"):
+    with pytest.raises(ConfigError, match="data.data_files.*needs a train and a validation file"):
         TextClassificationDataModule(source="files", data_files={"train": "a.csv", "validation": None},
-                                     num_classes=2, tokenizer="unused").load()
+                                     num_classes=2)
+    with pytest.raises(ConfigError, match=r"data.data_files=.*both files in one format \(valid suffixes: csv, tsv"):
+        TextClassificationDataModule(source="files", data_files={"train": "a.csv", "validation": "b.xlsx"},
+                                     num_classes=2)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "parquet"])
+def test_local_files_in_every_format_read_the_same_rows(pretrained, tmp_path, suffix):
+    # commas and quotes inside the text: a tab-separated file read as CSV would split or merge its fields
+    rows = pd.DataFrame({"sentence1": ['a "quoted", comma', "plain text", "x, y"],
+                         "sentence2": ["one", "two, three", "four"], "label": [1, 0, 1]})
+    files = {}
+    for split in ("train", "validation"):
+        path = tmp_path / f"{split}.{suffix}"
+        {"csv": lambda p: rows.to_csv(p, index=False), "tsv": lambda p: rows.to_csv(p, index=False, sep="\t"),
+         "jsonl": lambda p: rows.to_json(p, orient="records", lines=True),
+         "parquet": lambda p: rows.to_parquet(p)}[suffix](path)
+        files[split] = str(path)
+    dm = TextClassificationDataModule(source="files", data_files=files, text_columns=["sentence1", "sentence2"],
+                                      num_classes=2, tokenizer=str(pretrained / "tokenizer"))
+    assert dm.load()["validation"].to_pandas()[list(rows.columns)].equals(rows)
 
 
 def test_task_and_data_must_agree_and_the_checkpoint_exist(tmp_path):

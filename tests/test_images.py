@@ -17,7 +17,7 @@ from ethos.data.images import HFImageDataModule, ImageFolderDataModule, ImageNet
 from ethos.data.sampling import StepBatchSampler
 from ethos.data.shapes import ShapesDataModule
 
-COMMON = {"img_size": 16, "vit": {"patch_size": 4}, "batch_size": 4, "crop_pct": 1.0,
+COMMON = {"img_size": 16, "batch_size": 4, "crop_pct": 1.0,
           "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
 
@@ -168,8 +168,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, caplog):
 
 def test_train_augmentation_is_a_function_of_the_batch_id(tmp_path):
     dm = ShapesDataModule(cache_dir=str(tmp_path), num_classes=3, train_per_class=8, val_per_class=2,
-                          **{**COMMON, "auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
-                             "label_smoothing": 0.1})
+                          **{**COMMON, "auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0})
     dm.prepare_data()
     dm.setup()
     torch.manual_seed(0)
@@ -183,7 +182,8 @@ def test_train_augmentation_is_a_function_of_the_batch_id(tmp_path):
         torch.testing.assert_close(x["image"], y["image"], rtol=0, atol=0)
         torch.testing.assert_close(x["target"], y["target"], rtol=0, atol=0)
     assert not torch.equal(a[0]["image"], a[1]["image"])
-    assert a[0]["target"].sum(-1).allclose(torch.ones(4)) and a[0]["target"].max() < 1  # soft targets
+    t = a[0]["target"]  # mixed targets (the task smooths them), rows of a distribution
+    assert t.sum(-1).allclose(torch.ones(4)) and ((t > 0) & (t < 1)).any()
     torch.manual_seed(0)
     assert torch.equal(torch.rand(3), before)  # the loader left the global RNG where it was
 

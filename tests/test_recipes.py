@@ -2,6 +2,7 @@
 composed, and `debug=smoke` swaps in the offline corpus without touching the rest."""
 
 import pytest
+import torch
 
 from conftest import compose
 from ethos.cli import check
@@ -61,3 +62,26 @@ def test_offline_stand_in_reads_the_python_docs(tmp_path):
     assert len(docs["train"]) > 1000 and "validation" not in docs  # held out by the text pipeline
     streamed = dm.load_documents(streaming=True)
     assert next(iter(streamed["train"]))["text"] == docs["train"][0]["text"]
+
+
+def test_vit_recipe_and_its_offline_smoke_run(tmp_path):
+    from ethos.cli import train
+
+    cfg = compose(["experiment=subspace_vit_cifar10"], output_dir=tmp_path)
+    check(cfg)
+    assert task_target(cfg) == "ethos.tasks.classify.ImageClassifier"
+    assert (cfg.data.path, cfg.data.img_size, cfg.data.batch_size, cfg.data.offline) == ("uoft-cs/cifar10", 32, 256,
+                                                                                         False)
+    assert (cfg.task.patch_size, cfg.task.pool, cfg.task.label_smoothing) == (4, "cls", 0.1)
+    m = cfg.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.rope_dims, m.ffn.d_ff) == (192, 12, 12, 0, 384)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.trainer.max_steps) == (1e-3, 0.05, 19500)
+    # debug=smoke: generated shapes at 32 px stand in for CIFAR-10; the model and the task stay
+    smoke = compose(["experiment=subspace_vit_cifar10", "debug=smoke", "trainer.max_steps=2",
+                     "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=csv"],
+                    output_dir=tmp_path / "smoke")
+    assert smoke.data.offline and smoke.model == cfg.model and smoke.task == cfg.task
+    train(smoke)
+    ckpt = torch.load(tmp_path / "smoke" / "checkpoints" / "last.ckpt", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    assert (hp["num_classes"], hp["img_size"], hp["patch_size"], hp["label_smoothing"]) == (6, 32, 4, 0.1)

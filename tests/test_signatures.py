@@ -14,7 +14,7 @@ from ethos.types import Gt, PositiveInt
 def test_portable_annotations_load_without_their_libraries():
     from lightning.pytorch import Trainer
 
-    from ethos.data.images import ImageDataModule
+    from ethos.data.labels import TextClassificationDataModule
 
     t = sig.read("lightning.pytorch.Trainer", "trainer")
     assert not t.open and t.params["max_steps"] is int
@@ -22,9 +22,9 @@ def test_portable_annotations_load_without_their_libraries():
     assert t.params["precision"] is not None and "Opaque" not in repr(t.params["precision"])
     images = sig.read("ethos.data.shapes.ShapesDataModule", "data")
     assert images.modality == "image" and "num_classes" in images.params and "img_size" in images.params
-    vit = sig.portable(ImageDataModule.__init__.__annotations__["vit"])
-    keys = next(a for a in vit.__args__ if isinstance(a, sig.Keys))
-    assert dict(keys.fields) == {"patch_size": PositiveInt, "pool": Literal["cls", "avg"]}
+    files = sig.portable(TextClassificationDataModule.__init__.__annotations__["data_files"])
+    keys = next(a for a in files.__args__ if isinstance(a, sig.Keys))
+    assert dict(keys.fields) == {"train": str | None, "validation": str | None}
     blob = pickle.dumps(t)
     assert b"lightning" not in blob  # unpickling imports nothing of Lightning
     assert pickle.loads(blob) == t

@@ -102,3 +102,24 @@ def test_bad_sizes_are_config_errors():
         ViT(small_cfg(), 10, img_size=32, patch_size=5)
     with pytest.raises(ConfigError, match="pool='max'"):
         ViT(small_cfg(), 10, img_size=32, patch_size=4, pool="max")
+
+
+def test_the_task_smooths_mixed_targets_as_timm_mixup_does():
+    from timm.data.mixup import mixup_target
+
+    from ethos.tasks.classify import smooth
+
+    y = torch.tensor([0, 3, 1, 1, 2, 0])
+    for lam in (1.0, 0.7, 0.35):
+        want = mixup_target(y, 5, lam, smoothing=0.1)  # what Mixup(label_smoothing=0.1) gives the loss
+        got = smooth(mixup_target(y, 5, lam, smoothing=0.0), 0.1)  # the data mixes, the task smooths
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_the_patch_size_follows_the_image_size():
+    from ethos.models.vit import auto_patch_size
+
+    assert [auto_patch_size(s) for s in (224, 384, 32, 64, 28, 8, 7)] == [16, 16, 4, 8, 2, 1, 1]
+    for s in range(1, 300):  # it divides the image into at least 8 x 8 patches, or is 1
+        p = auto_patch_size(s)
+        assert s % p == 0 and (s // p >= 8 or p == 1)

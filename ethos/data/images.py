@@ -28,23 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
 
 from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position, split_key
 from ethos.errors import ConfigError
-from ethos.types import Gt, HalfOpenUnit, Le, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from ethos.types import Gt, Le, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 64  # this many unreadable files in a row: the data is broken, not a few files
 Interpolation = Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"]  # timm's
-
-
-class VitOptions(TypedDict, total=False):
-    """`data.vit`: the ViT settings that depend on the image size."""
-
-    patch_size: PositiveInt
-    pool: Literal["cls", "avg"]
 
 
 def _mix(*xs: int) -> int:
@@ -235,19 +227,13 @@ class ImageDataModule(L.LightningDataModule):
     modality = "image"
 
     def __init__(self, cache_dir: str, img_size: PositiveInt = 224, batch_size: PositiveInt = 64,
-                 eval_batch_size: PositiveInt | None = None, vit: VitOptions | None = None,
-                 in_chans: PositiveInt = 3, scale: tuple[Probability, Probability] = (0.08, 1.0),
+                 eval_batch_size: PositiveInt | None = None, in_chans: PositiveInt = 3, scale: tuple[Probability, Probability] = (0.08, 1.0),
                  hflip: Probability = 0.5, auto_augment: str | None = None, color_jitter: NonNegativeFloat = 0.0,
                  re_prob: Probability = 0.0, interpolation: Interpolation = "bicubic",
                  crop_pct: Annotated[float, Gt(0), Le(1)] = 0.875, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
                  std: tuple[PositiveFloat, ...] = (0.229, 0.224, 0.225), mixup: NonNegativeFloat = 0.0,
-                 cutmix: NonNegativeFloat = 0.0, label_smoothing: HalfOpenUnit = 0.0,
-                 num_workers: NonNegativeInt = 0, seed: int = 0):
+                 cutmix: NonNegativeFloat = 0.0, num_workers: NonNegativeInt = 0, seed: int = 0):
         super().__init__()
-        vit = dict(vit or {})
-        self.patch_size, self.pool = int(vit.get("patch_size", 16)), vit.get("pool", "cls")
-        if img_size % self.patch_size:
-            raise ConfigError(f"data.vit.patch_size={self.patch_size}: must divide data.img_size={img_size}")
         if (mixup > 0 or cutmix > 0) and batch_size % 2:
             raise ConfigError(f"data.batch_size={batch_size}: mixup/cutmix pair images, use an even batch")
         if not (0 < scale[0] <= scale[1]):
@@ -258,7 +244,7 @@ class ImageDataModule(L.LightningDataModule):
                     "color_jitter": color_jitter, "re_prob": re_prob}
         self.interpolation, self.crop_pct = interpolation, crop_pct
         self.mean, self.std = tuple(mean), tuple(std)
-        self.mixup_alpha, self.cutmix_alpha, self.label_smoothing = mixup, cutmix, label_smoothing
+        self.mixup_alpha, self.cutmix_alpha = mixup, cutmix
         self.num_workers, self.seed = num_workers, seed
         self.train_source = self.val_source = None
 
@@ -281,8 +267,7 @@ class ImageDataModule(L.LightningDataModule):
         return len(self.train_source.classes)
 
     def task_kwargs(self) -> dict:
-        return {"num_classes": self.num_classes, "img_size": self.img_size, "patch_size": self.patch_size,
-                "in_chans": self.in_chans, "pool": self.pool, "label_smoothing": self.label_smoothing}
+        return {"num_classes": self.num_classes, "img_size": self.img_size, "in_chans": self.in_chans}
 
     def transforms(self, train: bool):
         from timm.data import create_transform, resolve_data_config
@@ -302,8 +287,9 @@ class ImageDataModule(L.LightningDataModule):
             return None
         from timm.data import Mixup
 
-        return Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
-                     label_smoothing=self.label_smoothing, num_classes=self.num_classes)
+        # mixed one-hot targets; the task smooths them (task.label_smoothing): the same targets as smoothing here
+        return Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha, label_smoothing=0.0,
+                     num_classes=self.num_classes)
 
     def train_dataloader(self) -> DataLoader:
         pos = run_position(self.trainer)
@@ -348,15 +334,21 @@ class ImageFolderDataModule(ImageDataModule):
 
 class HFImageDataModule(ImageDataModule):
     """A HF image dataset: `load_dataset(path, name, data_dir=..., revision=...)`, columns
-    `image_key` / `label_key`. `path` may be a hub name or a local copy in the same layout."""
+    `image_key` / `label_key`. `path` may be a hub name or a local copy in the same layout. `offline`
+    (debug=smoke): generated shapes at the same image size stand in, so a recipe runs without the hub."""
 
     def __init__(self, path: str, name: str | None = None, data_dir: str | None = None,
                  revision: str | None = None, train_split: str = "train", val_split: str = "validation",
-                 image_key: str = "image", label_key: str = "label", **kwargs):
+                 image_key: str = "image", label_key: str = "label", offline: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.path, self.name, self.data_dir, self.revision = path, name, data_dir, revision
         self.train_split, self.val_split = train_split, val_split
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.offline = image_key, label_key, offline
+
+    def stand_in(self):
+        from ethos.data.shapes import ShapesDataModule
+
+        return ShapesDataModule(cache_dir=str(self.cache_dir / "offline_shapes"), img_size=self.img_size)
 
     def load(self):
         from datasets import load_dataset
@@ -368,6 +360,8 @@ class HFImageDataModule(ImageDataModule):
                             cache_dir=str(self.cache_dir / "hf"))
 
     def prepare_data(self) -> None:
+        if self.offline:
+            return self.stand_in().prepare_data()
         self.load()  # download + arrow conversion once, on rank 0
 
     def splits(self) -> tuple:
@@ -378,6 +372,8 @@ class HFImageDataModule(ImageDataModule):
         return dd[self.train_split], dd[self.val_split]
 
     def sources(self) -> tuple:
+        if self.offline:
+            return self.stand_in().sources()
         train, val = self.splits()
         return (HFSource(train, self.image_key, self.label_key), HFSource(val, self.image_key, self.label_key))
 
@@ -397,10 +393,12 @@ class ImageNet100DataModule(HFImageDataModule):
         self.classes, self.train_dir, self.val_dir = sorted(classes), train_dir, val_dir
 
     def prepare_data(self) -> None:
-        if not Path(self.path).is_dir() or not (Path(self.path) / self.train_dir).is_dir():
+        if self.offline or not (Path(self.path) / self.train_dir).is_dir():
             super().prepare_data()
 
     def sources(self) -> tuple:
+        if self.offline:
+            return super().sources()
         root = Path(self.path)
         if (root / self.train_dir).is_dir():
             return FolderSource(root / self.train_dir, self.classes), FolderSource(root / self.val_dir, self.classes)

@@ -15,6 +15,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from transformers import AutoTokenizer, DataCollatorWithPadding
+from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
 
 from ethos.data.offline import stdlib_docstrings
 from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position, split_key
@@ -29,6 +30,15 @@ GLUE = {  # name -> (text columns, number of classes); the validation split is t
     "qqp": (("question1", "question2"), 2), "stsb": None, "mnli": (("premise", "hypothesis"), 3),
 }
 KINDS = ("module", "class", "function")
+READERS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("json", {}), "jsonl": ("json", {}),
+           "parquet": ("parquet", {})}  # file suffix -> datasets builder and its options
+
+
+class DataFiles(TypedDict, total=False):
+    """`data.data_files`: one file per split, in GLUE's schema."""
+
+    train: str | None
+    validation: str | None
 
 
 def docstring_kinds(min_chars: int = 40, seed: int = 0) -> DatasetDict:
@@ -73,7 +83,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     modality = "text-classification"
 
     def __init__(self, source: str = "docstrings", tokenizer: str | None = None, path: str = "nyu-mll/glue",
-                 data_files: dict | None = None, text_columns: list[str] | None = None,
+                 data_files: DataFiles | None = None, text_columns: list[str] | None = None,
                  num_classes: PositiveInt | None = None, seq_len: Annotated[int, Ge(8)] = 128,
                  batch_size: PositiveInt = 16, eval_batch_size: PositiveInt | None = None,
                  num_workers: NonNegativeInt = 0, seed: int = 0):
@@ -88,18 +98,23 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size = seq_len, batch_size
         self.eval_batch_size, self.num_workers, self.seed = eval_batch_size or batch_size, num_workers, seed
         self.tokenizer, self.splits = None, None
-
-    def load(self) -> DatasetDict:
-        if self.source == "docstrings":  # a fixed benchmark: the run's seed orders batches, it does not redraw
-            return docstring_kinds()           # the split (seeds of one study are judged on one validation set)
-        if self.source == "files":  # set on the command line, so checked here, before anything is read
-            files = dict(self.data_files or {})
+        if source == "files":  # the constructor runs before anything is read
+            files = dict(data_files or {})
             if not (files.get("train") and files.get("validation")):
                 raise ConfigError(f"data.data_files={files}: source=files needs a train and a validation file")
             if self.num_classes is None:
                 raise ConfigError("data.num_classes=null: set it for source=files")
-            suffix = Path(files["train"]).suffix[1:]
-            return load_dataset({"jsonl": "json", "tsv": "csv"}.get(suffix, suffix), data_files=files)
+            suffixes = {Path(f).suffix[1:] for f in files.values()}
+            if len(suffixes) > 1 or not suffixes <= set(READERS):
+                raise ConfigError(f"data.data_files={files}: both files in one format (valid suffixes: "
+                                  f"{', '.join(READERS)})")
+
+    def load(self) -> DatasetDict:
+        if self.source == "docstrings":  # a fixed benchmark: the run's seed orders batches, it does not redraw
+            return docstring_kinds()           # the split (seeds of one study are judged on one validation set)
+        if self.source == "files":
+            builder, options = READERS[Path(self.data_files["train"]).suffix[1:]]
+            return load_dataset(builder, data_files=dict(self.data_files), **options)
         return load_dataset(self.path, self.source)  # the hub's GLUE, or a local copy of its repository
 
     def setup(self, stage: str | None = None) -> None:

@@ -6,8 +6,9 @@ the patch grid (+ cls slot), as in timm / DeiT; if the model config has `rope_di
 modules also apply 1D RoPE over the flattened token sequence (cls at 0, patches in raster order).
 `model.rope_dims=0` gives the classic ViT.
 
-Patch size and pooling depend on the image size, so they come from the data config (`data.vit`),
-not the model config: the same `model=` file then fits 32 px CIFAR and 224 px ImageNet.
+Patch size and pooling are the task's (`task.patch_size`, `task.pool`), not the model config's: the same
+`model=` file then fits 32 px CIFAR and 224 px ImageNet. By default the patch size follows the image size
+(`auto_patch_size`).
 """
 
 import torch
@@ -21,14 +22,20 @@ from ethos.models.config import ModelConfig
 POOLS = ("cls", "avg")
 
 
+def auto_patch_size(img_size: int) -> int:
+    """The largest of 16, 8, 4, 2, 1 that cuts the image into at least an 8 x 8 grid: 16 at 224 px (ViT-B/16),
+    4 at 32 px (the CIFAR ViTs), 8 at 64 px."""
+    return next(p for p in (16, 8, 4, 2, 1) if img_size % p == 0 and img_size // p >= 8 or p == 1)
+
+
 class ViT(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int, img_size: int = 224, patch_size: int = 16,
                  in_chans: int = 3, pool: str = "cls"):
         super().__init__()
         if pool not in POOLS:
-            raise ConfigError(f"data.vit.pool={pool!r}: valid are {', '.join(POOLS)}")
+            raise ConfigError(f"task.pool={pool!r}: valid are {', '.join(POOLS)}")
         if img_size % patch_size:
-            raise ConfigError(f"data.vit.patch_size={patch_size}: must divide data.img_size={img_size}")
+            raise ConfigError(f"task.patch_size={patch_size}: must divide data.img_size={img_size}")
         self.cfg, self.pool = cfg, pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, cfg.d_model)
         self.num_prefix = 1 if pool == "cls" else 0

@@ -1,12 +1,19 @@
-"""Image classification with the ViT: cross-entropy (label smoothing, mixup soft targets), top-1/top-5."""
+"""Image classification with the ViT: cross-entropy (label smoothing, mixup soft targets), top-1/top-5.
+
+The model-side settings are this task's: patch size (null: from the image size, `auto_patch_size`), pooling
+and label smoothing. The data gives the images, their size, and mixup / cutmix (a batch transform).
+"""
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
 
+from typing import Literal
+
 from ethos.models.config import ModelConfig
-from ethos.models.vit import ViT
+from ethos.models.vit import ViT, auto_patch_size
 from ethos.tasks.base import OptimConfig, Task
+from ethos.types import HalfOpenUnit, PositiveInt
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -14,11 +21,18 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def smooth(target: torch.Tensor, eps: float) -> torch.Tensor:
+    """Label smoothing of a target distribution. Affine, so smoothing mixed one-hots equals mixing smoothed ones
+    (what timm's Mixup(label_smoothing=eps) does): the data mixes, the task smooths."""
+    return target * (1 - eps) + eps / target.shape[-1]
+
+
 class ImageClassifier(Task):
     def __init__(self, model: ModelConfig, optim: OptimConfig, num_classes: int, img_size: int = 224,
-                 patch_size: int = 16, in_chans: int = 3, pool: str = "cls", label_smoothing: float = 0.0,
-                 pretrained: str | None = None, freeze: bool = False):
+                 patch_size: PositiveInt | None = None, in_chans: int = 3, pool: Literal["cls", "avg"] = "cls",
+                 label_smoothing: HalfOpenUnit = 0.0, pretrained: str | None = None, freeze: bool = False):
         super().__init__(optim)
+        patch_size = patch_size or auto_patch_size(img_size)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.model = ViT(model, num_classes, img_size, patch_size, in_chans, pool)
         # fine-tune (task=classify) or probe (task=probe) a pretrained ViT: a fresh head
@@ -44,8 +58,8 @@ class ImageClassifier(Task):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
-        if "target" in batch:  # mixup / cutmix: smoothing is already folded into the soft target
-            loss = soft_cross_entropy(logits, batch["target"])
+        if "target" in batch:  # mixup / cutmix soft targets
+            loss = soft_cross_entropy(logits, smooth(batch["target"], self.label_smoothing))
         else:
             loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
         acc = (logits.argmax(-1) == batch["label"]).float().mean()  # vs the dominant (unmixed) label
