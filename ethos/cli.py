@@ -92,6 +92,13 @@ def check_across_groups(cfg: DictConfig) -> None:
     from ethos.tasks.registry import modality, task_target
 
     task_target(cfg)  # the task fits the data
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and epochs > 0:
+        from hydra.utils import get_class
+
+        if not hasattr(get_class(cfg.data._target_), "num_train_samples"):
+            raise ConfigError(f"trainer.max_epochs={epochs}: the data module {cfg.data._target_.rsplit('.', 1)[-1]} "
+                              "is step-based (a stream of blocks): set trainer.max_steps and trainer.max_epochs=-1")
     if cfg.trainer.get("max_steps") is None:
         raise ConfigError("trainer.max_steps=null: pretraining is step-based, set a positive number of steps")
     if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in str(cfg.trainer.precision):
@@ -123,6 +130,21 @@ def one_line_per_message() -> None:
         no_tips = lambda record: not record.getMessage().startswith("💡 Tip")
         no_tips.ethos_tips = True
         tips.addFilter(no_tips)
+
+
+def epochs_to_steps(cfg: DictConfig, trainer, datamodule) -> None:
+    """`trainer.max_epochs` (fine-tuning protocols count passes over the data, e.g. GLUE's 3 epochs): the step
+    budget of that many passes over the train split, validated after each pass. Every run is one step-based
+    Lightning epoch (the step sampler spans the run), so the passes become max_steps, not Lightning epochs."""
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is None or epochs <= 0:
+        return
+    per_pass = datamodule.num_train_samples // (datamodule.batch_size * trainer.world_size)  # micro-batches
+    steps = max(1, epochs * per_pass // trainer.accumulate_grad_batches)
+    trainer.fit_loop.epoch_loop.max_steps, trainer.fit_loop.max_epochs = steps, -1
+    trainer.val_check_interval = per_pass
+    log.info(f"trainer.max_epochs={epochs}: {steps} steps ({per_pass} micro-batches of "
+             f"{datamodule.batch_size} x {trainer.world_size} per pass), validated after each pass")
 
 
 def in_batches(trainer_cfg: DictConfig) -> dict:
@@ -167,6 +189,7 @@ def train(cfg: DictConfig) -> float | None:
     try:
         datamodule.prepare_data()
         datamodule.setup("fit")
+        epochs_to_steps(cfg, trainer, datamodule)
         task = task_for(cfg)(model=model_cfg, optim=optim, **datamodule.task_kwargs())
         task.recipe = recipe(cfg)
         for logger in loggers:

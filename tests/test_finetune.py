@@ -243,3 +243,21 @@ def test_a_checkpoint_without_its_record_fails_in_one_line(pretrained, tmp_path)
     torch.save(ckpt, tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match=r"pretrained=.*old\.ckpt: the checkpoint does not describe its model"):
         load_task(tmp_path / "old.ckpt")
+
+
+def test_epochs_become_steps_and_validation_follows_each_pass(pretrained, tmp_path):
+    rng = random.Random(0)
+    for split, n in (("train", 72), ("validation", 20)):  # 72 // 16 = 4 steps per pass (drop last)
+        rows = [{"sentence": " ".join(rng.choices(["good", "bad", "film"], k=5)), "label": rng.randrange(2)}
+                for _ in range(n)]
+        pd.DataFrame(rows).to_csv(tmp_path / f"{split}.csv", index=False)
+    out = tmp_path / "ft"
+    train(compose(["task=finetune", "data=text_labels", f"data.data_files.train={tmp_path / 'train.csv'}",
+                   f"data.data_files.validation={tmp_path / 'validation.csv'}", "data.num_classes=2",
+                   f"pretrained={pretrained}", "debug=tiny", "logger=csv", "print_config=false",
+                   "trainer.max_epochs=3", "data.batch_size=16"], output_dir=out))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 12 and [s for s, _ in ckpt["val_history"]] == [0, 4, 8, 12]
+    assert len(metrics(out)["val/acc"]) == 4
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=2: the data module TinyText.* is step-based"):
+        train(compose(["debug=tiny", "trainer.max_epochs=2"], output_dir=tmp_path / "pre"))

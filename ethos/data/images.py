@@ -266,6 +266,10 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.train_source.classes)
 
+    @property
+    def num_train_samples(self) -> int:  # trainer.max_epochs counts passes over these
+        return len(self.train_source)
+
     def task_kwargs(self) -> dict:
         return {"num_classes": self.num_classes, "img_size": self.img_size, "in_chans": self.in_chans}
 

@@ -143,6 +143,10 @@ class TextClassificationDataModule(L.LightningDataModule):
                 counts[y] += 1
             log.info(f"data {k}: {len(v)} examples, classes {counts} (majority {max(counts) / len(v):.1%})")
 
+    @property
+    def num_train_samples(self) -> int:  # trainer.max_epochs counts passes over these
+        return len(self.splits["train"])
+
     def task_kwargs(self) -> dict:
         return {"vocab_size": len(self.tokenizer), "num_classes": self.num_classes,
                 "pad_id": self.tokenizer.pad_token_id or 0}
