@@ -1,7 +1,9 @@
-"""Isolated-layer forward+backward throughput of MHA / MLA / MLA-o over a grid of sizes.
+"""Isolated-layer forward+backward throughput of MHA / MLA / MLA-o over a grid of sizes; with --scores,
+time and peak memory of each attention score function and gate relative to softmax.
 
     python scripts/bench_attention.py                       # CPU default grid, a few minutes
     python scripts/bench_attention.py --device cuda --tokens 65536 --seq 512 1024 2048 4096
+    python scripts/bench_attention.py --scores --threads 1  # score functions: seq 128 and 1024, MLA, d 512
 
 For every (d_model, seq) point all variants are built in this process, warmed up, then timed
 round-robin (one step of each variant per repeat, so load drift on a shared machine hits all of them
@@ -10,10 +12,17 @@ point. RoPE tables are built once per point and passed to every module, as the t
 forward for all its layers. FLOPs per token are the closed forms (`MHA.flops`, ...; the matmuls of the
 forward pass: projections + scores + weighted sum over the full sequence); a training step costs about 3x.
 Writes <out>.csv and <out>.png.
+
+--scores: one layer (`--variant`, the first `--d-model`) per score function of ethos/models/scores.py
+(and softmax with each gate), timed round-robin as above on the path training takes on the device; peak
+memory of one fwd+bwd step above what was allocated before it (CUDA: the allocator's peak; CPU: the peak
+resident set, reset through /proc/self/clear_refs, so Linux only). Writes <out>_scores.csv / .png.
 """
 
 import argparse
 import csv
+import functools
+import re
 import statistics
 import sys
 import time
@@ -82,6 +91,138 @@ def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- --scores
+SCORE_ROWS = [("softmax", "none"), ("softmax1", "none"), ("sink", "none"), ("sigmoid", "none"), ("relu", "none"),
+              ("softmax", "head"), ("softmax", "elementwise")]
+LIMITS = {"softmax1": 1.3, "sink": 1.3, "sigmoid": 3.0, "relu": 3.0}  # the issue's bars (sigmoid, relu: seq 1024)
+
+
+def resident_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+@functools.cache
+def fixed_mmap_threshold() -> None:
+    """glibc serves large blocks with mmap and returns them on free, but after the first such free it raises
+    its threshold and keeps freed blocks resident: the peak resident set would then miss what a step
+    allocates. A fixed threshold (128 KiB) keeps every large tensor a mapping of its own."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: the heap's freed top goes back too
+
+
+def peak_mb(step, device: str) -> float:
+    """Memory one step needs above what is allocated before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    fixed_mmap_threshold()
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
+    base = resident_kb("VmRSS")
+    step()
+    return (resident_kb("VmHWM") - base) / 2**10
+
+
+def bench_scores(args) -> list[dict]:
+    if args.device != "cuda":
+        fixed_mmap_threshold()  # before the first tensor: see its docstring
+    d = args.d_model[0]
+    heads = d // args.head_dim
+    common = {"d_model": d, "n_heads": heads, "head_dim": args.head_dim, "rope_dims": args.head_dim // 2}
+    cls, kw = {"MHA": (MHA, {}), "MLA": (MLA, {"q_latent": int(args.q_latent * d), "kv_latent": int(args.kv_latent * d)}),
+               "MLA-o": (MLAO, {"q_latent": int(args.q_latent * d), "kv_latent": int(args.kv_latent * d),
+                                "o_latent": int(args.o_latent[0] * d)})}[args.variant]
+    rows = []
+    for seq in args.seq:
+        batch = max(1, args.tokens // seq)
+        mods = {}
+        for score, gate in SCORE_ROWS:
+            torch.manual_seed(0)
+            mods[(score, gate)] = cls(**common, **kw, max_seq_len=seq, score=score, gate=gate).to(args.device, args.dtype)
+        x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
+        rope = rope_tables(args.head_dim // 2, seq, dtype=args.dtype, device=args.device)
+        steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
+        for _ in range(args.warmup):
+            for step in steps.values():
+                step()
+        times = {k: [] for k in mods}
+        for _ in range(args.repeats):
+            for k, step in steps.items():
+                for m in mods.values():
+                    m.zero_grad(set_to_none=True)
+                x.grad = None
+                sync(args.device)
+                t0 = time.perf_counter()
+                step()
+                sync(args.device)
+                times[k].append(time.perf_counter() - t0)
+        mem = {}
+        for k, step in steps.items():
+            for m in mods.values():
+                m.zero_grad(set_to_none=True)
+            x.grad = None
+            mem[k] = peak_mb(step, args.device)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        base = ("softmax", "none")
+        for (score, gate), t in med.items():
+            rows.append({"variant": args.variant, "d_model": d, "heads": heads, "seq": seq, "batch": batch,
+                         "score": score, "gate": gate, "ms": 1e3 * t, "peak_mb": mem[(score, gate)],
+                         "time_vs_softmax": t / med[base],
+                         "mem_vs_softmax": mem[(score, gate)] / max(mem[base], 1e-9)})
+    return rows
+
+
+def plot_scores(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = sorted({r["seq"] for r in rows})
+    names = [f"{s}" + ("" if g == "none" else f"+{g}") for s, g in SCORE_ROWS]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(seqs)
+    for ax, key, title in zip(axes, ("time_vs_softmax", "mem_vs_softmax"),
+                              ("fwd+bwd time / softmax", "peak memory / softmax")):
+        for i, seq in enumerate(seqs):
+            vals = [next(r[key] for r in rows if r["seq"] == seq and (r["score"], r["gate"]) == sg) for sg in SCORE_ROWS]
+            ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"T={seq}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks([j + width * (len(seqs) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
+        ax.set_title(f"{rows[0]['variant']} d={rows[0]['d_model']}: {title}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report_scores(rows: list[dict], args) -> None:
+    out = f"{args.out}_scores"
+    with open(f"{out}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_scores(rows, Path(f"{out}.png"))
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print(f"\n{args.device} {str(args.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} fwd+bwd steps")
+    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+    for r in rows:
+        print("| " + " | ".join(fmt(v) for v in r.values()) + " |")
+    long = max(r["seq"] for r in rows)
+    for r in rows:
+        limit = LIMITS.get(r["score"]) if r["gate"] == "none" else None
+        if limit and (r["score"] in ("softmax1", "sink") or r["seq"] == long):
+            verdict = "within" if r["time_vs_softmax"] <= limit else "OVER"
+            print(f"{r['score']} T={r['seq']}: {r['time_vs_softmax']:.2f}x softmax ({verdict} {limit}x)")
+    print(f"wrote {out}.csv, {out}.png")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -128,10 +269,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (1 gives stable numbers on a machine shared with other jobs)")
     p.add_argument("--out", default="bench_results/attention", help="writes OUT.csv and OUT.png")
+    p.add_argument("--scores", action="store_true",
+                   help="score functions and gates vs softmax (one layer, the first --d-model; d 512 unless given)")
+    p.add_argument("--variant", default="MLA", choices=["MHA", "MLA", "MLA-o"], help="--scores: the layer")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.scores:
+        if args.d_model == p.get_default("d_model"):
+            args.d_model = [512]
+        report_scores(bench_scores(args), args)
+        return
 
     grid = [(d, s) for d in args.d_model for s in args.seq]
     rows = []

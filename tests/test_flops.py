@@ -47,7 +47,7 @@ ATTN = [
     (MLAO, {"q_latent": 24, "kv_latent": 16, "o_latent": 20}),
     (MLAO, {"q_latent": None, "kv_latent": 16, "o_latent": 20, "v_head_dim": 12, "rope_style": "decoupled"}),
     # score functions and gates (ethos/models/scores.py): the null key's column, the plain path, W_g
-    (MHA, {"score": "sink", "gate": "head"}), (MHA, {"score": "relu"}),
+    (MHA, {"score": "softmax1", "gate": "head"}), (MHA, {"score": "relu"}),
     (MLA, {"q_latent": 24, "kv_latent": 16, "v_head_dim": 12, "score": "softmax1", "gate": "elementwise"}),
     (MLAO, {"q_latent": None, "kv_latent": 16, "o_latent": 20, "rope_style": "decoupled", "score": "sigmoid",
             "gate": "head"}),

@@ -170,10 +170,33 @@ def test_softmax1_is_softmax_with_an_appended_zero_logit(causal, padded):
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.cat((s, torch.zeros(2, 3, 9, 1, dtype=s.dtype)), -1).softmax(-1)[..., :-1]
     want = p @ v
-    fast = null_key_sdpa(q, k, v, mask, causal, 8 ** -0.5, None, 0.0)
+    fast = null_key_sdpa(q, k, v, mask, causal, 8 ** -0.5, None)
     slow = plain(q, k, v, allowed, 8 ** -0.5, "softmax1")[0]
     assert rel(fast, want) < 1e-12 and rel(slow, want) < 1e-12
     assert (p.sum(-1) < 1).all()  # some mass always goes to nothing
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("dv", [8, 5])  # equal head dims (padded for the flash kernels) or not
+def test_sink_fast_path_equals_formula(causal, padded, dv):
+    """The SDPA path of sink (softmax1 + the null weight r, rescaled) against the formula, every mask
+    layout (the causal dummy-query path included), forward and the gradient of the logits."""
+    q, k, v = qkv()
+    v = v[..., :dv]
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    if padded:
+        pad[1, 5:] = False
+        pad[0, :2] = False  # with causal: rows with no key
+    mask = pad if padded else None
+    sink = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64, requires_grad=True)
+    allowed = allowed_keys(mask, causal, 9, "cpu")
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    a = allowed if allowed is not None else torch.ones(9, 9, dtype=torch.bool)
+    want = ref_weights(s, a, "sink", sink) @ v
+    got = null_key_sdpa(q, k, v, mask, causal, 8 ** -0.5, sink)
+    assert rel(got, want) < 1e-12
+    g = torch.randn_like(want)
+    assert rel(*(torch.autograd.grad((o * g).sum(), sink)[0] for o in (got, want))) < 1e-10
 
 
 @pytest.mark.parametrize("causal", [False, True])

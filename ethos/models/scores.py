@@ -17,10 +17,10 @@ per query keeps the output of a row independent of the padding around it and a c
 of the future (a sequence length would tell early positions how long their document is). A row with no
 key gets n = 1, so sigmoid and relu give it zero output, not NaN.
 
-Paths: softmax keeps its SDPA call. softmax1 and sink run exactly on SDPA with one appended null key
-(`null_key_sdpa`). sigmoid and relu run on FlexAttention where it trains on the device (`flex_usable`),
-else on the plain path (`plain`), which also serves `record_attention`: only then are probabilities
-materialised, so training speed is untouched.
+Paths: softmax keeps its SDPA call. softmax1 and sink run exactly on SDPA with one prepended null key
+(`null_key_sdpa`; with dropout on the weights, on the plain path). sigmoid and relu run on FlexAttention
+where it trains on the device (`flex_usable`), else on the plain path (`plain`), which also serves
+`record_attention`: only then are probabilities materialised, so training speed is untouched.
 """
 
 import functools
@@ -88,27 +88,46 @@ def plain(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float,
     return pd @ v, p
 
 
-def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float,
-                  sink: Tensor | None, dropout_p: float) -> Tensor:
-    """softmax1 (sink None) or sink on SDPA, exactly: one null key is appended with a zero key and a zero
-    value. Its score is q.0 * scale = 0 exactly, plus theta_h from a float bias column for sink; the
-    real keys keep their scores, so SDPA's softmax over T + 1 keys is exp(s_j) / (exp(theta) + sum exp(s))
-    for them, and the zero value adds exactly nothing to o. Every query may attend to the null key, so a
-    row with no real key attends to nothing: o = 0."""
-    B, H, T, _ = q.shape
-    k = torch.cat((k, k.new_zeros(B, H, 1, k.shape[-1])), 2)
-    v = torch.cat((v, v.new_zeros(B, H, 1, v.shape[-1])), 2)
-    allowed = allowed_keys(attn_mask, is_causal, T, q.device)
-    if sink is None:  # softmax1: the null key's logit is its score, 0: a bool column (or no mask at all)
-        mask = None if allowed is None else F.pad(allowed, (0, 1), value=True)
-    else:  # sink: the learned logit as a float bias column (SDPA adds it to the scores; it has a gradient)
-        rows = 1 if allowed is None else allowed.shape[2]
-        real = q.new_zeros(1, 1, rows, T) if allowed is None else \
-            torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        b = real.shape[0]
-        null = sink.to(q.dtype).view(1, H, 1, 1).expand(b, H, rows, 1)
-        mask = torch.cat((real.expand(b, H, rows, T), null), -1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                  scale: float | None, sink: Tensor | None) -> Tensor:
+    """softmax1 (sink None) and sink on SDPA, exact in exact arithmetic, with no T x T mask of our own.
+
+    softmax1: a null key with a zero key vector and a zero value is prepended. Its score is q.0 * scale = 0
+    exactly and the real keys keep theirs, so SDPA's softmax over T + 1 keys is exp(s_j) / (1 + sum exp(s))
+    on them, and the zero value adds nothing to o. Causal without padding stays on is_causal kernels: a
+    dummy query is prepended too, so the square causal mask lets query t + 1 see the null key and keys
+    0..t; its row is dropped. Every query sees the null key: a row with no real key gives o = 0.
+
+    sink: with Z = sum exp(s), softmax1 gives o1 = sum exp(s) v / (1 + Z) and the null key's weight
+    r = 1 / (1 + Z), read from one more value channel that is 1 on the null key only. Then
+    sum exp(s) v / (exp(theta) + Z) = o1 / (1 + (exp(theta) - 1) r): an elementwise rescale, so theta's
+    gradient needs no float bias through SDPA (which leaves the flash kernels), and no cancellation:
+    r comes out of the softmax as a weight of its own, not as 1 - sum of the others.
+    """
+    B, H, T, dq = q.shape
+    dv = v.shape[-1]
+    scale = scale if scale is not None else dq ** -0.5  # of the real head dim, before any padding
+    if sink is not None:
+        pad = 8  # the r channel (+7 zeros: head dims stay multiples of 8, as CUDA's flash kernels need)
+        if dq == dv:  # equal head dims keep SDPA's flash kernels; zero channels add exactly 0 to q.k
+            q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        v = F.pad(v, (0, pad))
+    null_v = v.new_zeros(B, H, 1, v.shape[-1])
+    if sink is not None:
+        null_v[..., dv] = 1.0
+    k = torch.cat((k.new_zeros(B, H, 1, k.shape[-1]), k), 2)
+    v = torch.cat((null_v, v), 2)
+    if attn_mask is None and is_causal:
+        q = torch.cat((q.new_zeros(B, H, 1, q.shape[-1]), q), 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, :, 1:]
+    else:
+        allowed = allowed_keys(attn_mask, is_causal, T, q.device)
+        mask = None if allowed is None else F.pad(allowed, (1, 0), value=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if sink is None:
+        return o
+    r = o[..., dv:dv + 1]
+    return o[..., :dv] / (1 + torch.expm1(sink.to(o.dtype)).view(1, H, 1, 1) * r)
 
 
 # ---------------------------------------------------------------- FlexAttention for sigmoid and relu
@@ -204,7 +223,8 @@ class Attend(nn.Module):
     @staticmethod
     def flops(d_model: int, n_heads: int, d_qk: int, d_v: int, score: str = "softmax", gate: str = "none") -> int:
         """Forward FLOPs per token on top of the T x T scores and weighted sums: the gate projection, and
-        the null key's column of q k^T and p v on the SDPA path of softmax1 and sink."""
+        the null key's column of q k^T and p v of softmax1 and sink (not the bookkeeping of their SDPA path:
+        the causal dummy query row, sink's 8 extra channels)."""
         null = n_heads * (d_qk + d_v) if score in NULL_KEY else 0
         return 2 * (d_model * gate_width(n_heads, d_v, gate) + null)
 
@@ -221,13 +241,13 @@ class Attend(nn.Module):
             mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                                dropout_p=dropout_p)
-        elif self.score in NULL_KEY:
-            o = null_key_sdpa(q, k, v, attn_mask, is_causal, scale, self.sink, dropout_p)
-        elif not dropout_p and flex_usable(q.device.type):  # FlexAttention has no dropout
+        elif self.score in NULL_KEY and not dropout_p:  # dropout would hit the null weight r too
+            o = null_key_sdpa(q, k, v, attn_mask, is_causal, scale, self.sink)
+        elif self.score in ("sigmoid", "relu") and not dropout_p and flex_usable(q.device.type):
             o = flex(q, k, v, attn_mask, is_causal, scale or q.shape[-1] ** -0.5, self.score, self.sigmoid_bias)
-        else:
+        else:  # sigmoid and relu off CUDA; any score with dropout on the weights
             allowed = allowed_keys(attn_mask, is_causal, T, x.device)
-            o = plain(q, k, v, allowed, scale or q.shape[-1] ** -0.5, self.score, None, self.sigmoid_bias,
+            o = plain(q, k, v, allowed, scale or q.shape[-1] ** -0.5, self.score, self.sink, self.sigmoid_bias,
                       dropout_p)[0]
         o = o.transpose(1, 2)  # (B, T, H, d_v)
         if self.gate is not None:
