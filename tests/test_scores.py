@@ -338,3 +338,63 @@ def test_short_run_trains_and_logs_artifacts(score, cache_dir, tmp_path):
         assert "artifacts/layer{layer}/null_mass" not in m or score in ("softmax1", "sink")
         assert all(0 <= v <= 1 for _, v in m[f"artifacts/layer{layer}/first_mass"])
         assert all(v > 0 for _, v in m[f"artifacts/layer{layer}/max_activation"])
+
+
+# ---------------------------------------------------------------- config and backbones
+def test_config_key_reaches_every_layer_and_bad_values_fail(tmp_path):
+    from conftest import compose
+    from ethos.cli import build_model_config
+    from ethos.config import validate
+    from ethos.models.blocks import Trunk
+
+    cfg = build_model_config(compose(["model=mla", "model.num_dense_layers=1", "model.attn.score=sink",
+                                      "model.attn.gate=head", "debug=tiny"], output_dir=tmp_path))
+    with torch.device("meta"):
+        trunk = Trunk(cfg)
+    assert [type(b.attn) for b in trunk.blocks] == [MHA, MLA]  # the dense MHA layer follows model.attn too
+    assert all(b.attn.attend.score == "sink" and b.attn.attend.gate.out_features == 4 for b in trunk.blocks)
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["model.attn.score=softmax2"], output_dir=tmp_path))
+    assert str(e.value) == ("model.attn.score='softmax2': must be one of 'softmax', 'softmax1', 'sink', 'sigmoid', "
+                            "'relu'")
+    with pytest.raises(ConfigError, match=r"^model.attn.gate='heads': must be one of 'none', 'head', 'elementwise'$"):
+        validate(compose(["model=mla_o", "model.attn.gate=heads"], output_dir=tmp_path))
+
+
+def test_artifact_metrics_of_a_vit_equal_their_definitions():
+    """The callback's reductions on the ViT (image batches, cls at position 0, no padding) against the
+    weights recorded independently, and the residual-stream peak against the blocks' outputs."""
+    from functools import partial
+
+    from ethos.callbacks.attention_stats import measure
+    from ethos.models.blocks import Block
+    from ethos.models.config import ModelConfig
+    from ethos.models.ffn import SwiGLU
+    from ethos.models.vit import ViT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(attn=partial(MLAO, q_latent=16, kv_latent=8, o_latent=12, score="sink"),
+                      ffn=partial(SwiGLU, d_ff=64), d_model=32, n_layers=2, n_heads=4, rope_dims=4)
+    task = torch.nn.Module()
+    task.model = ViT(cfg, num_classes=3, img_size=16, patch_size=4).eval()
+    with torch.no_grad():
+        task.model.trunk.blocks[0].attn.attend.sink.copy_(torch.tensor([-2.0, 0.0, 1.0, 3.0]))
+    task.device = torch.device("cpu")
+    images = torch.randn(2, 3, 16, 16)
+    got = measure(task, {"image": images, "label": torch.zeros(2)}, sep_id=None)
+    weights, outs = [], []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in task.model.modules()
+             if isinstance(b, Block)]
+    with torch.no_grad(), record_attention(task.model, lambda mod, p, allowed: weights.append(p)):
+        task.model(images)
+    for h in hooks:
+        h.remove()
+    for i in range(2):
+        p = weights[i]  # both rows at once here: means over rows, heads and queries are the same
+        assert got[f"artifacts/layer{i}/first_mass"] == pytest.approx(p[..., 0].mean().item(), rel=1e-5)
+        assert got[f"artifacts/layer{i}/null_mass"] == pytest.approx((1 - p.sum(-1)).mean().item(), rel=1e-5)
+        r = p / p.sum(-1, keepdim=True)
+        assert got[f"artifacts/layer{i}/entropy"] == pytest.approx(-(r * r.log()).sum(-1).mean().item(), rel=1e-5)
+        assert got[f"artifacts/layer{i}/max_activation"] == pytest.approx(outs[i].abs().max().item(), rel=1e-6)
+        assert f"artifacts/layer{i}/sep_mass" not in got  # images have no separators
+    assert got["artifacts/layer0/null_mass"] != pytest.approx(got["artifacts/layer1/null_mass"])
