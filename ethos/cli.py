@@ -158,10 +158,25 @@ def in_batches(trainer_cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig) -> float | None:
+    """One run; with `finetune_after`, then the fine-tune of what it trained (ethos/study.py). Returns the
+    pretraining's final val/loss (what a sweeper optimises)."""
+    metric = fit(cfg)
+    if cfg.get("finetune_after"):
+        from ethos.study import finetune_config
+
+        train(finetune_config(cfg, Path(cfg.paths.output_dir)))
+    return metric
+
+
+def fit(cfg: DictConfig) -> float | None:
     from ethos.config import instantiate
     from ethos.results import write_status
 
     model_cfg, optim = check(cfg)
+    if cfg.get("finetune_after"):  # the fine-tune's config is checked now, not after hours of pretraining
+        from ethos.study import finetune_config
+
+        check(finetune_config(cfg, Path(cfg.paths.output_dir)))
     if cfg.get("pretrained"):  # before any data is read
         from ethos.pretrained import checkpoint_path
 

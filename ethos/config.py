@@ -204,7 +204,8 @@ def check_node(node, key: str, root: DictConfig) -> None:
 def validate(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> None:
     """Config checks that need no data: run keys, then the keys and value types of `groups`."""
     for k in cfg.keys():
-        if k not in RUN_KEYS and k not in GROUPS and k not in ("paths", "experiment", "debug", "hydra"):
+        if k not in RUN_KEYS and k not in GROUPS and k not in ("paths", "experiment", "debug", "hydra",
+                                                               "finetune_after"):
             valid = ", ".join([*GROUPS, *RUN_KEYS])
             raise ConfigError(f"{k}: unknown top-level key (valid: {valid})")
     for k, annotation in RUN_KEYS.items():

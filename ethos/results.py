@@ -124,11 +124,15 @@ def gather(root: Path, group: str | None = None):
 
     row_of = {(root / r).resolve(): i for i, r in df["run"].items()}
     df["downstream_acc"] = math.nan
-    for _, ft in df[df["pretrained"].astype(str) != ""].iterrows():
-        i = row_of.get(run_dir_of(ft["pretrained"]).resolve())
+    nested = []
+    for j, ft in df[df["pretrained"].astype(str) != ""].iterrows():
+        source = run_dir_of(ft["pretrained"]).resolve()
+        i = row_of.get(source)
         if i is not None:
             df.loc[i, "downstream_acc"] = ft["val_acc_best"]
-    return df
+            if (root / ft["run"]).resolve().is_relative_to(source):  # finetune_after: part of its run's row
+                nested.append(j)
+    return df.drop(index=nested).reset_index(drop=True)
 
 
 def summarize(df):

@@ -44,7 +44,31 @@ def test_ethos_paper_recipe(tmp_path):
     assert (f.num_experts, f.d_latent, f.d_hidden, f.top_k, f.n_heads, f.d_query) == (512**2, 128, 512, 16, 8, 512)
 
 
-@pytest.mark.parametrize("experiment", [*ENCODER, "ethos_paper"])
+@pytest.mark.parametrize("experiment", ["subspace_decoder_mla", "subspace_decoder_mla_o"])
+def test_subspace_decoder_recipes(experiment, tmp_path):
+    from ethos.cli import build_model_config
+    from ethos.models.decoder import Decoder
+
+    cfg = compose([f"experiment={experiment}"], output_dir=tmp_path)
+    check(cfg)
+    assert task_target(cfg) == "ethos.tasks.clm.CausalLM"
+    d = cfg.data
+    assert d._target_ == "ethos.data.hub.WikiText103DataModule" and d.tokenizer == "gpt2" and not d.offline
+    assert (d.seq_len, d.batch_size, cfg.trainer.accumulate_grad_batches) == (1024, 128, 8)
+    m = cfg.model
+    assert (m.d_model, m.n_layers, m.n_heads, m.head_dim, m.rope_dims, m.ffn.d_ff) == (256, 6, 8, 32, 32, 1024)
+    assert (m.attn.q_latent, m.attn.kv_latent, m.attn.rope_style) == (96, 64, "partial")
+    assert m.attn.get("o_latent") == (96 if experiment.endswith("_o") else None)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.trainer.max_steps) == (5e-4, 0.01, 12500)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Decoder(build_model_config(cfg), 50257).parameters())
+    if experiment.endswith("_o"):  # MLA-o swaps W_O (256 x 256) for W_OA (256 -> 96) and W_OB (96 -> 256)
+        with torch.device("meta"):
+            mla = Decoder(build_model_config(compose(["experiment=subspace_decoder_mla"])), 50257)
+        assert sum(p.numel() for p in mla.parameters()) - params == 6 * (256 * 256 - 96 * (256 + 256))
+
+
+@pytest.mark.parametrize("experiment", [*ENCODER, "ethos_paper", "subspace_decoder_mla", "subspace_decoder_mla_o"])
 def test_smoke_swaps_in_the_offline_corpus_only(experiment, tmp_path):
     full = compose([f"experiment={experiment}"], output_dir=tmp_path)
     smoke = compose([f"experiment={experiment}", "debug=smoke"], output_dir=tmp_path)

@@ -32,7 +32,10 @@ def sweep(cache_dir, tmp_path_factory):
     args = ["-m", "model=mha,mla", "seed=1,2", "debug=tiny", "logger=csv", "print_config=false",
             "trainer.max_steps=4", "trainer.val_check_interval=2", f"paths.log_dir={tmp}",
             "+callbacks.fail._target_=test_results.FailFor", "+callbacks.fail.attn=${model.attn._target_}",
-            "+callbacks.fail.seed=${seed}", "+callbacks.fail.fail_attn=.MLA", "+callbacks.fail.fail_seed=2"]
+            "+callbacks.fail.seed=${seed}", "+callbacks.fail.fail_attn=.MLA", "+callbacks.fail.fail_seed=2",
+            # the study protocol: each pretraining job then fine-tunes its run (a few steps here)
+            "finetune_after=docstrings", 'finetune_after.overrides=["optim.lr=1e-3","trainer.max_epochs=-1",'
+            '"trainer.max_steps=6","trainer.val_check_interval=3"]']
     env = {**os.environ, "ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "tests")}
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp, env=env, capture_output=True,
                          text=True, timeout=400)
@@ -65,6 +68,18 @@ def test_multirun_writes_its_table_with_the_failure_marked(sweep):
     assert groups.loc["mha", "val_loss_final_mean"] == pytest.approx(mha.mean())
     assert groups.loc["mha", "val_loss_final_std"] == pytest.approx(mha.std())  # sample std over seeds
     assert math.isnan(groups.loc["mla", "val_loss_final_std"])  # one finished run: no spread
+    # finetune_after: each finished run was fine-tuned in <run>/finetune/docstrings, from its own checkpoint; its
+    # accuracy is on the run's row (the fine-tune is not a row of its own), the failed run has none
+    for _, row in runs.iterrows():
+        ft = sweep / row["run"] / "finetune" / "docstrings"
+        if row["status"] == "done":
+            acc = pd.read_csv(ft / "csv" / "metrics.csv")["val/acc"].dropna()
+            assert row["downstream_acc"] == pytest.approx(acc.max())
+            cfg = (ft / "config_resolved.yaml").read_text()
+            assert f"pretrained: {sweep / row['run']}" in cfg and "SequenceClassifier" in cfg
+            assert torch.load(ft / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+        else:
+            assert not ft.exists() and math.isnan(row["downstream_acc"])
     md = (sweep / "results.md").read_text()
     assert "failed" in md and "±" in md
     assert (sweep / "val_curves.png").stat().st_size > 10_000

@@ -1,0 +1,53 @@
+"""`finetune_after=<protocol>`: a pretraining job that ends by fine-tuning what it trained, so one multirun runs a
+whole study (variants x seeds, each judged downstream) and one results table gathers it.
+
+The fine-tune config is the pretraining run's with the task, data and `pretrained` swapped and the protocol's
+overrides (conf/finetune_after/*.yaml) applied: model, trainer, logger and paths stay the run's own, so it runs
+where the pretraining ran (the same SLURM array job) and resumes the same way after a requeue.
+"""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ethos.errors import ConfigError
+
+CAUSAL = "ethos.tasks.clm.CausalLM"
+
+
+def group_nodes(overrides: list[str]) -> DictConfig:
+    """The task and data nodes of conf/ for these group choices, as Hydra composes them (inside the running app,
+    or on their own in a script or test)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ethos.cli import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("train", overrides=overrides)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def finetune_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The config of the fine-tune that follows the pretraining run `cfg` in `run_dir`."""
+    from ethos.tasks.registry import task_target
+
+    spec = cfg.finetune_after
+    name = spec.name
+    pretraining = task_target(cfg)
+    composed = group_nodes(["task=finetune", f"data={spec.data}"])
+    ft = cfg.copy()
+    with open_dict(ft):
+        ft.task, ft.data = composed.task, composed.data
+        if pretraining == CAUSAL:  # a decoder: its last real token is the only one that saw the whole input
+            ft.task.backbone, ft.task.pooling = "decoder", "last"
+        elif pretraining != "ethos.tasks.mlm.MaskedLM":
+            raise ConfigError(f"finetune_after={name}: fine-tunes a text backbone; this run trains "
+                              f"{pretraining.rsplit('.', 1)[-1]} (images: task=classify|probe pretrained=<run dir>)")
+        ft.pretrained = str(run_dir)
+        ft.paths.output_dir = str(run_dir / "finetune" / name)
+        ft.run_name = f"{cfg.run_name or run_dir.name}/finetune/{name}"
+        ft.finetune_after, ft.ckpt_path = None, None
+    # key=value items parsed as the command line's are (1e-3 is a number); an unknown key is the config check's
+    return OmegaConf.merge(ft, OmegaConf.from_dotlist([str(o) for o in spec.get("overrides") or []]))
