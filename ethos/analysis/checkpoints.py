@@ -289,16 +289,19 @@ def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32) -> H
 class EthosSource:
     """An ethos run dir or .ckpt: the task rebuilt from its self-describing checkpoint (encoder, decoder, ViT)."""
 
-    def __init__(self, path: str, dtype=torch.float32):
+    def __init__(self, path: str, dtype=torch.float32, model: torch.nn.Module | None = None):
+        """`model`: a live backbone instead of a checkpoint (the rank callback reads the model being trained)."""
         from ethos.models.blocks import Block
-        from ethos.pretrained import load_task
 
-        task, _ = load_task(path)
+        if model is None:
+            from ethos.pretrained import load_task
+
+            model = load_task(path)[0].model
         self.name, self.dtype = str(path), dtype
-        self.blocks = [m for m in task.model.modules() if isinstance(m, Block)]
+        self.blocks = [m for m in model.modules() if isinstance(m, Block)]
         self.n_layers = len(self.blocks)
-        cfg = task.model.cfg
-        self.description = (f"ethos {type(task.model).__name__}: {self.n_layers} layers, d {cfg.d_model}, "
+        cfg = model.cfg
+        self.description = (f"ethos {type(model).__name__}: {self.n_layers} layers, d {cfg.d_model}, "
                             f"{cfg.n_heads} heads")
 
     @torch.no_grad()
