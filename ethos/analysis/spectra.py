@@ -24,6 +24,7 @@ layer; a run started again on the same DIR skips the layers it already has.
 """
 
 import argparse
+import ctypes
 import csv
 import json
 import os
@@ -56,16 +57,17 @@ def stable_rank(s: Tensor) -> Tensor:
     return (s ** 2).sum(-1) / (s[..., 0] ** 2).clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def r_factor(x: Tensor, dtype: torch.dtype, max_elems: int = 1 << 24) -> Tensor:
+def r_factor(x: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20) -> Tensor:
     """R of the thin QR of each matrix of a batch (B, m, k) -> (B, min(m, k), k), a few matrices at a time: a
     `dtype` copy of the whole batch would double the layer's memory."""
     step = max(1, max_elems // max(1, x.shape[1] * x.shape[2]))
-    return torch.cat([torch.linalg.qr(x[i:i + step].to(dtype), mode="r").R for i in range(0, len(x), step)])
+    # R is a view into the whole (m x k) factorisation: clone it, or every chunk's workspace stays alive
+    return torch.cat([torch.linalg.qr(x[i:i + step].to(dtype), mode="r").R.clone() for i in range(0, len(x), step)])
 
 
-def gram_svdvals(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 24) -> Tensor:
-    """Singular values of a 2-D matrix (any strides) from the eigenvalues of the Gram matrix of its smaller side,
-    accumulated in `dtype` over slices of the larger one; descending, min(m, n) of them."""
+def gram(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20) -> Tensor:
+    """The Gram matrix of the smaller side of a 2-D matrix (any strides), accumulated in `dtype` over slices of
+    the larger side (never a `dtype` copy of the whole matrix)."""
     if w.shape[0] < w.shape[1]:
         w = w.T
     m, n = w.shape
@@ -74,7 +76,21 @@ def gram_svdvals(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 24) -> Ten
     for i in range(0, m, step):
         x = w[i:i + step].to(dtype)
         g.addmm_(x.T, x)
+    return g
+
+
+def gram_svdvals(g: Tensor) -> Tensor:
+    """Singular values (descending) of the matrix whose Gram matrix is g."""
     return torch.linalg.eigvalsh(g).flip(-1).clamp_min(0).sqrt()
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after the many mid-sized temporaries of QR and
+    GEMM): without it they stay resident beside the next stage's tensors."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def layer_spectra(source, layer: int, dtype: torch.dtype = torch.float64) -> tuple[dict, dict]:
@@ -85,8 +101,13 @@ def layer_spectra(source, layer: int, dtype: torch.dtype = torch.float64) -> tup
     H, d_v, d = w.o.shape
     r_o = r_factor(w.o.transpose(1, 2), dtype)  # W_O_h^T = Q R: svdvals(W_O_h) = svdvals(R), and R serves W_VO_h
     svals["o_head"], shapes["o_head"] = torch.linalg.svdvals(r_o), (d_v, d)
-    svals["o"], shapes["o"] = gram_svdvals(w.o.reshape(H * d_v, d), dtype), (H * d_v, d)
-    del w
+    release_memory()
+    g = gram(w.o.reshape(H * d_v, d), dtype)
+    del w  # W_O goes before the eigensolver copies the Gram matrix: peak is W_O + Gram or 2 Gram, not the sum
+    release_memory()
+    svals["o"], shapes["o"] = gram_svdvals(g), (H * d_v, d)
+    del g
+    release_memory()
     w = source.read(layer, ("q", "k", "v", "qa", "kva", "kr"))
     kv, d_k = w.kv_head, w.k.shape[-1]
     r_q, r_k = r_factor(w.q[..., :d_k], dtype), r_factor(w.k, dtype)
@@ -96,7 +117,7 @@ def layer_spectra(source, layer: int, dtype: torch.dtype = torch.float64) -> tup
     for kind in ("qa", "kva", "kr"):
         m = getattr(w, kind)
         if m is not None:
-            svals[kind], shapes[kind] = gram_svdvals(m, dtype), tuple(m.shape)
+            svals[kind], shapes[kind] = gram_svdvals(gram(m, dtype)), tuple(m.shape)
     return svals, shapes
 
 
@@ -159,7 +180,8 @@ def write_tables(out: Path, rows: list[dict]) -> None:
 
 
 def analyse(source: str, out: str | Path, plot_layers: list[int] | None = None, first: int | None = None,
-            dtype: torch.dtype = torch.float64, revision: str | None = None, progress: bool = True) -> list[dict]:
+            dtype: torch.dtype = torch.float64, revision: str | None = None, progress: bool = True,
+            plots: bool = True) -> list[dict]:
     """Measure every layer of SOURCE (the first `first`), resuming from what `out` holds; returns the rows."""
     from tqdm import tqdm
 
@@ -188,6 +210,8 @@ def analyse(source: str, out: str | Path, plot_layers: list[int] | None = None, 
         rows += rows_of(i, svals, shapes)
         write_tables(out, rows)
     write_tables(out, rows)
+    if not plots:
+        return rows
     if plot_layers is None:
         plot_layers = sorted({layers[0], layers[len(layers) // 2], layers[-1]}) if len(layers) else []
     from ethos.analysis.plots import plot_all
