@@ -370,15 +370,25 @@ def test_hub_path_downloads_only_the_attention_shards(tmp_path, monkeypatch):
     assert_layer(tmp_path / "out", 0, hf_mla_matrices(deepseek(), 0))
 
 
-def test_hub_without_network_fails_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+@pytest.mark.parametrize("offline", [True, False])
+def test_hub_without_network_fails_fast_in_one_line(tmp_path, monkeypatch, offline):
+    """HF_HUB_OFFLINE=1, or no connection at all (an endpoint nothing listens on): one line, in seconds."""
+    import time
+
     import huggingface_hub.constants as c
 
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", offline)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.perf_counter()
     with pytest.raises(DataUnavailable) as err:
         open_source("acme/not-cached")
-    assert "\n" not in str(err.value) and "SOURCE" in str(err.value)
+    assert time.perf_counter() - t0 < 10
+    assert "\n" not in str(err.value) and "local copy" in str(err.value)
 
 
 def test_unknown_layout_names_its_config_class_and_the_supported_ones(tmp_path):

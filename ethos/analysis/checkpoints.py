@@ -14,10 +14,13 @@ left out; `notes` says so. Projection biases, gates and sink logits are not read
 
 import json
 import math
+import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -235,27 +238,43 @@ def local_source(root: Path, dtype=torch.float32) -> HFSource:
     return hf_source(str(root), lambda filename: root / filename, dtype)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connect to the hub endpoint (as ethos.data.hub's, whose module imports `datasets`: seconds)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def hub_source(repo: str, revision: str | None = None, dtype=torch.float32) -> HFSource:
     """A repo on the hub: config.json and the index first, each shard when a tensor in it is first read."""
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import (LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     cached: dict[str, Path] = {}
+    # no connection: read the HF cache only, at once, instead of minutes of HTTP retries
+    cache_only = not constants.HF_HUB_OFFLINE and not hub_reachable()
 
     def fetch(filename: str) -> Path:
         if filename not in cached:
-            try:  # a short etag timeout: without network this fails fast instead of waiting
+            try:
                 cached[filename] = Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision,
-                                                                        etag_timeout=5))
+                                                                        etag_timeout=5,
+                                                                        local_files_only=cache_only))
             except (RepositoryNotFoundError, RevisionNotFoundError) as e:
                 raise ConfigError(f"{repo}: no such repo or revision on the hub ({type(e).__name__})") from None
             except RemoteEntryNotFoundError:
                 raise  # no such file in the repo: the caller decides (no index -> one model.safetensors)
             except LocalEntryNotFoundError:
                 raise DataUnavailable(
-                    f"{repo}: {filename} is not cached and the hub cannot be reached; download the attention "
-                    f"shards elsewhere (`hf download {repo}`) and pass that directory as SOURCE") from None
+                    f"{repo}: the hub cannot be reached and {filename} is not in the HF cache; pass a local copy of "
+                    f"the repo as SOURCE (a directory with config.json and safetensors, e.g. from "
+                    f"`hf download {repo}` on a machine with network)") from None
             except OSError as e:  # connection errors
                 raise DataUnavailable(f"{repo}: the hub cannot be reached ({type(e).__name__}); pass a local "
                                       "copy of the repo (config.json + safetensors) as SOURCE") from None
