@@ -130,13 +130,16 @@ def assert_layer(out: Path, i: int, matrices: dict) -> None:
 @pytest.mark.parametrize("q_lora_rank", [32, None])
 def test_deepseek_v3_every_singular_value(tmp_path, q_lora_rank):
     model = deepseek(q_lora_rank)
-    rows = spectra.analyse(str(save(model, tmp_path / "ckpt")), tmp_path / "out", progress=False)
+    rows = spectra.analyse(str(save(model, tmp_path / "ckpt")), tmp_path / "out", progress=False,
+                           plots=q_lora_rank is not None)  # plotting once is enough (and takes seconds)
     for i in range(3):
         assert_layer(tmp_path / "out", i, hf_mla_matrices(model, i))
     # one row per layer x kind x head, measures consistent with the values
     kinds = {"o_head": 4, "qk": 4, "vo": 4, "o": 1, "kva": 1, "kr": 1, **({"qa": 1} if q_lora_rank else {})}
     assert len(rows) == 3 * sum(kinds.values())
-    assert (tmp_path / "out" / "erank.png").is_file() and (tmp_path / "out" / "heatmap_vo.png").is_file()
+    if q_lora_rank:
+        for png in ("erank", "heatmap_o_head", "heatmap_qk", "heatmap_vo", "spectra_layer_0", "spectra_layer_2"):
+            assert (tmp_path / "out" / f"{png}.png").is_file(), png
     table = json.loads((tmp_path / "out" / "spectra.json").read_text())
     assert table == json.loads(json.dumps(sorted(rows, key=lambda r: (r["layer"], r["kind"], r["head"] or -1))))
 
@@ -144,7 +147,7 @@ def test_deepseek_v3_every_singular_value(tmp_path, q_lora_rank):
 @pytest.mark.parametrize("version", [2, 3])
 def test_qwen_gqa_every_singular_value(tmp_path, version):
     model = qwen(version)
-    spectra.analyse(str(save(model, tmp_path / "ckpt")), tmp_path / "out", progress=False)
+    spectra.analyse(str(save(model, tmp_path / "ckpt")), tmp_path / "out", progress=False, plots=False)
     for i in range(2):
         assert_layer(tmp_path / "out", i, hf_gqa_matrices(model, i))
 
@@ -197,7 +200,7 @@ def test_fp8_checkpoint_scales_in_other_shards(tmp_path):
     # the spectra equal those of matrices built from the naive dequantisation
     deq = {k: (naive_dequant(v, stored[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v).double()
            for k, v in stored.items() if not k.endswith("_scale_inv")}
-    spectra.analyse(str(tmp_path / "ckpt"), tmp_path / "out", progress=False)
+    spectra.analyse(str(tmp_path / "ckpt"), tmp_path / "out", progress=False, plots=False)
     p = "model.layers.0."
     g, H, dn, dv = deq[p + "input_layernorm.weight"], 3, 24, 20
     W_o = deq[p + "self_attn.o_proj.weight"].T
@@ -242,7 +245,7 @@ def test_planted_ranks_come_out_exactly(tmp_path):
                p + "self_attn.kv_a_proj_with_mqa.weight": kv_a, p + "self_attn.kv_a_layernorm.weight": gain(r_kv),
                p + "self_attn.kv_b_proj.weight": kv_b, p + "self_attn.o_proj.weight": W_o.T}
     write_checkpoint(tmp_path / "ckpt", cfg, {k: v.float() for k, v in tensors.items()})
-    rows = spectra.analyse(str(tmp_path / "ckpt"), tmp_path / "out", progress=False)
+    rows = spectra.analyse(str(tmp_path / "ckpt"), tmp_path / "out", progress=False, plots=False)
     want = {("o_head", h): k for h, k in enumerate(o_ranks)} | {("vo", h): k for h, k in enumerate(o_ranks)}
     want |= {("qk", h): k for h, k in enumerate(qk_ranks)}
     want |= {("o", None): sum(o_ranks), ("qa", None): qa_rank, ("kva", None): kva_rank, ("kr", None): kr_rank}
@@ -307,7 +310,7 @@ def test_ethos_run_every_singular_value(ethos_run, tmp_path):
     from ethos.models.attention import MHA, MLA
     from ethos.pretrained import load_task
 
-    spectra.analyse(str(ethos_run), tmp_path / "out", progress=False)
+    spectra.analyse(str(ethos_run), tmp_path / "out", progress=False, plots=False)
     task, _ = load_task(ethos_run)
     blocks = task.model.trunk.blocks
     assert isinstance(blocks[0].attn, MHA) and isinstance(blocks[1].attn, MLA)
@@ -360,7 +363,7 @@ def test_hub_path_downloads_only_the_attention_shards(tmp_path, monkeypatch):
         return str(repo / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    spectra.analyse("acme/tiny-deepseek", tmp_path / "out", first=1, progress=False)
+    spectra.analyse("acme/tiny-deepseek", tmp_path / "out", first=1, progress=False, plots=False)
     weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
     needed = {f for k, f in weight_map.items() if k.startswith("model.layers.0.")
               and ("self_attn." in k or "input_layernorm" in k)}
@@ -402,17 +405,17 @@ def test_unknown_layout_names_its_config_class_and_the_supported_ones(tmp_path):
 
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     path = save(qwen(), tmp_path / "ckpt")
-    first = spectra.analyse(str(path), tmp_path / "out", first=1, progress=False)
+    first = spectra.analyse(str(path), tmp_path / "out", first=1, progress=False, plots=False)
     calls = []
     real = spectra.layer_spectra
     monkeypatch.setattr(spectra, "layer_spectra", lambda src, i, dtype: calls.append(i) or real(src, i, dtype))
-    rows = spectra.analyse(str(path), tmp_path / "out", progress=False)
+    rows = spectra.analyse(str(path), tmp_path / "out", progress=False, plots=False)
     assert calls == [1]  # layer 0 was already there
     assert [r for r in rows if r["layer"] == 0] == first
     with open(tmp_path / "out" / "spectra.csv") as f:
         assert sum(1 for _ in f) == len(rows) + 1
     with pytest.raises(ConfigError, match="choose another --out"):
-        spectra.analyse(str(save(deepseek(), tmp_path / "other")), tmp_path / "out", progress=False)
+        spectra.analyse(str(save(deepseek(), tmp_path / "other")), tmp_path / "out", progress=False, plots=False)
 
 
 def readme_commands() -> list[list[str]]:
