@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ethos.analysis import checkpoints, spectra
+from ethos.analysis import spectra
 from ethos.analysis.checkpoints import dequantize_fp8, open_source
 from ethos.analysis.synthetic import mla_config, quantize_fp8, write_checkpoint
 from ethos.errors import ConfigError, DataUnavailable
@@ -62,8 +62,8 @@ def save(model, path: Path) -> Path:
 # ---- reference matrices, built the way the HF forward uses the weights (x W convention, norms folded) ----
 
 def hf_mla_matrices(model, i) -> dict:
-    """In float64 (products too). modeling_deepseek_v3: q_states.view(B, T, H, d_nope + d_r) (q_pass first), kv_b_proj(...).view(B, T, H,
-    d_nope + d_v) split [k_nope, v], attn_output.reshape(B, T, H * d_v) -> o_proj."""
+    """In float64 (products too). modeling_deepseek_v3: q_states.view(B, T, H, d_nope + d_r) (q_pass first),
+    kv_b_proj(...).view(B, T, H, d_nope + d_v) split [k_nope, v], attn_output.reshape(B, T, H * d_v) -> o_proj."""
     layer, c = model.model.layers[i].double(), model.config
     a, g = layer.self_attn, layer.input_layernorm.weight
     H, dn, dr, dv, rkv = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,

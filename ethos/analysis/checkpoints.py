@@ -17,9 +17,9 @@ import math
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -253,8 +253,12 @@ def hub_source(repo: str, revision: str | None = None, dtype=torch.float32) -> H
     """A repo on the hub: config.json and the index first, each shard when a tensor in it is first read."""
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import (LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cached: dict[str, Path] = {}
     # no connection: read the HF cache only, at once, instead of minutes of HTTP retries

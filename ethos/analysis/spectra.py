@@ -24,8 +24,8 @@ layer; a run started again on the same DIR skips the layers it already has.
 """
 
 import argparse
-import ctypes
 import csv
+import ctypes
 import json
 import os
 import sys
