@@ -44,6 +44,13 @@ def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
     return None
 
 
+def weights_only(path: str) -> bool:
+    """A checkpoint without training state (optimizer, loops): written by ethos.analysis.retrofit, not a resume."""
+    import torch
+
+    return "optimizer_states" not in torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 RUN_STATE = ("checkpoints", "csv", "wandb", "wandb_id.txt", "status.json")  # what a fresh run must not continue
 
 
@@ -185,6 +192,10 @@ def fit(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = find_resume_ckpt(cfg, out_dir)
+    init = None  # ckpt_path=<weights only> (e.g. an MLA-o retrofit): training starts at step 0 from those weights,
+    if ckpt and cfg.ckpt_path and weights_only(ckpt):  # and once it has saved, a requeue resumes its own run
+        init, last = ckpt, out_dir / "checkpoints" / "last.ckpt"
+        ckpt = str(last) if cfg.resume == "auto" and last.is_file() else None
     if cfg.resume == "never" and not cfg.ckpt_path:
         set_aside_previous_run(out_dir)
     write_status(out_dir, "running")
@@ -207,6 +218,11 @@ def fit(cfg: DictConfig) -> float | None:
         epochs_to_steps(cfg, trainer, datamodule)
         task = task_for(cfg)(model=model_cfg, optim=optim, **datamodule.task_kwargs())
         task.recipe = recipe(cfg)
+        if init and not ckpt:
+            from ethos.pretrained import load_backbone
+
+            load_backbone(task.model, init)
+            log.info(f"starting from the weights of {init} (no training state in it: step 0)")
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if ckpt:
