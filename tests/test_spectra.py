@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ethos.analysis import spectra
+from ethos.analysis import checkpoints, spectra
 from ethos.analysis.checkpoints import dequantize_fp8, open_source
 from ethos.analysis.synthetic import mla_config, quantize_fp8, write_checkpoint
 from ethos.errors import ConfigError, DataUnavailable
@@ -373,6 +373,40 @@ def test_hub_path_downloads_only_the_attention_shards(tmp_path, monkeypatch):
     assert_layer(tmp_path / "out", 0, hf_mla_matrices(deepseek(), 0))
 
 
+def test_hub_byte_ranges_fetch_only_the_attention_tensors(tmp_path, monkeypatch):
+    """--ranges: the headers, then exactly the bytes of layer 0's attention tensors; the same spectra."""
+    import huggingface_hub
+
+    repo = save(deepseek(), tmp_path / "repo")
+    downloaded, ranges = [], []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, f, **kw: downloaded.append(f) or str(repo / f))
+
+    def fake_hub_range(repo_id, revision=None):
+        def get_range(filename, start, end):
+            ranges.append((filename, start, end))
+            with open(repo / filename, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        return get_range
+
+    monkeypatch.setattr(checkpoints, "hub_range", fake_hub_range)
+    spectra.analyse("acme/tiny-deepseek", tmp_path / "out", first=1, progress=False, plots=False, ranges=True)
+    assert downloaded == ["config.json", "model.safetensors.index.json"]  # no shard as a whole
+    assert_layer(tmp_path / "out", 0, hf_mla_matrices(deepseek(), 0))
+    from safetensors import safe_open
+
+    wanted = 0
+    for name, f in json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"].items():
+        if name.startswith("model.layers.0.") and ("self_attn." in name or "input_layernorm" in name):
+            with safe_open(str(repo / f), framework="pt") as st:
+                t = st.get_tensor(name)
+            wanted += t.numel() * t.element_size()
+    data = [(f, a, b) for f, a, b in ranges if a > 8]  # the rest: each file's length prefix and header, once
+    assert sum(b - a for _, a, b in data) == wanted and len(data) == len(set(data))
+    assert len(ranges) - len(data) == 2 * len({f for f, _, _ in ranges})
+
+
 @pytest.mark.parametrize("offline", [True, False])
 def test_hub_without_network_fails_fast_in_one_line(tmp_path, monkeypatch, offline):
     """HF_HUB_OFFLINE=1, or no connection at all (an endpoint nothing listens on): one line, in seconds."""
@@ -436,6 +470,15 @@ def test_readme_commands_run(ethos_run, tmp_path, monkeypatch):
     assert commands, "README documents no spectra command"
     stand_in = save(deepseek(), tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f, **kw: str(stand_in / f))
+
+    def local_range(repo_id, revision=None):
+        def get_range(filename, start, end):
+            with open(stand_in / filename, "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        return get_range
+
+    monkeypatch.setattr(checkpoints, "hub_range", local_range)
     monkeypatch.chdir(tmp_path)
     for args in commands:
         source = Path(args[0])

@@ -117,6 +117,36 @@ class TensorReader:
         return t.to(self.dtype)
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class RangeReader(TensorReader):
+    """Safetensors files read by byte ranges (`get_range(filename, start, end)`, end exclusive): each file's header
+    once, then only the bytes of the tensors asked for. On the hub this fetches a layer's attention, not the
+    shards around it (DeepSeek-V3 keeps attention and experts in the same shards)."""
+
+    def __init__(self, weight_map: dict[str, str], get_range: Callable[[str, int, int], bytes], block=(128, 128),
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(weight_map, lambda filename: Path(filename), block, dtype)
+        self.get_range, self.headers = get_range, {}
+
+    def header(self, filename: str) -> tuple[dict, int]:
+        """(the file's header, where its data starts)."""
+        if filename not in self.headers:
+            n = int.from_bytes(self.get_range(filename, 0, 8), "little")
+            self.headers[filename] = json.loads(self.get_range(filename, 8, 8 + n)), 8 + n
+        return self.headers[filename]
+
+    def raw(self, name: str) -> Tensor:
+        header, start = self.header(self.weight_map[name])
+        info = header[name]
+        a, b = info["data_offsets"]
+        data = bytearray(self.get_range(self.weight_map[name], start + a, start + b))  # a copy torch may own
+        return torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def per_head(w: Tensor, heads: int) -> Tensor:
     """A Linear weight (heads * width, in) whose output rows are laid out per head -> (heads, in, width)."""
     return w.view(heads, -1, w.shape[-1]).transpose(1, 2)
@@ -151,7 +181,8 @@ class HFSource:
         H, d_nope, d_r = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"]
         r_kv = c["kv_lora_rank"]
         w = AttentionWeights(i, "mla", H, H, d_rope=d_r)
-        g_in = self._norm(p + "input_layernorm.weight")
+        x_side = parts & {"qa", "kva", "kr"} or ("q" in parts and not c.get("q_lora_rank"))
+        g_in = self._norm(p + "input_layernorm.weight") if x_side else None  # read once per layer, when needed
         if "o" in parts:
             w.o = out_heads(r[a + "o_proj.weight"], H)
         if c.get("q_lora_rank"):
@@ -177,7 +208,7 @@ class HFSource:
         a = p + "self_attn."
         H, G = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
         w = AttentionWeights(i, "mha", H, G)
-        g_in = self._norm(p + "input_layernorm.weight")
+        g_in = self._norm(p + "input_layernorm.weight") if parts & {"q", "k", "v"} else None
         if "o" in parts:
             w.o = out_heads(r[a + "o_proj.weight"], H)
         for part, heads in (("q", H), ("k", G), ("v", G)):
@@ -249,8 +280,27 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def hub_source(repo: str, revision: str | None = None, dtype=torch.float32) -> HFSource:
-    """A repo on the hub: config.json and the index first, each shard when a tensor in it is first read."""
+def hub_range(repo: str, revision: str | None = None) -> Callable[[str, int, int], bytes]:
+    """get_range(filename, start, end) for a hub repo: an HTTP range request (as huggingface_hub's own
+    safetensors metadata and file system reads)."""
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    def get_range(filename: str, start: int, end: int) -> bytes:
+        r = get_session().get(hf_hub_url(repo, filename, revision=revision),
+                              headers={**build_hf_headers(), "range": f"bytes={start}-{end - 1}"},
+                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+        hf_raise_for_status(r)
+        if len(r.content) != end - start:
+            raise DataUnavailable(f"{repo}: {filename}: the hub ignored a byte range request; run without --ranges")
+        return r.content
+
+    return get_range
+
+
+def hub_source(repo: str, revision: str | None = None, dtype=torch.float32, ranges: bool = False) -> HFSource:
+    """A repo on the hub: config.json and the index first, then each shard when a tensor in it is first read,
+    or with `ranges` only the bytes of the tensors read (RangeReader)."""
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.errors import (
@@ -284,10 +334,11 @@ def hub_source(repo: str, revision: str | None = None, dtype=torch.float32) -> H
                                       "copy of the repo (config.json + safetensors) as SOURCE") from None
         return cached[filename]
 
-    return hf_source(repo, fetch, dtype)
+    return hf_source(repo, fetch, dtype, hub_range(repo, revision) if ranges else None)
 
 
-def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32) -> HFSource:
+def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32,
+              get_range: Callable[[str, int, int], bytes] | None = None) -> HFSource:
     from huggingface_hub.errors import EntryNotFoundError
 
     config = json.loads(Path(fetch("config.json")).read_text())
@@ -306,7 +357,9 @@ def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32) -> H
         with safe_open(str(path), framework="pt") as f:
             weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     block = (config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
-    return HFSource(name, config, TensorReader(weight_map, fetch, block, dtype))
+    reader = (RangeReader(weight_map, get_range, block, dtype) if get_range
+              else TensorReader(weight_map, fetch, block, dtype))
+    return HFSource(name, config, reader)
 
 
 class EthosSource:
@@ -368,14 +421,15 @@ class EthosSource:
                           f"(supported: {SUPPORTED})")
 
 
-def open_source(source: str, revision: str | None = None, dtype=torch.float32):
-    """HFSource or EthosSource for a SOURCE argument: an ethos run dir / .ckpt, a local directory, or a hub repo id."""
+def open_source(source: str, revision: str | None = None, dtype=torch.float32, ranges: bool = False):
+    """HFSource or EthosSource for a SOURCE argument: an ethos run dir / .ckpt, a local directory, or a hub repo id
+    (whole shards, or with `ranges` the attention tensors' bytes only)."""
     path = Path(source).expanduser()
     if path.suffix == ".ckpt" or (path.is_dir() and (path / "checkpoints").is_dir()):
         return EthosSource(str(path), dtype)
     if path.is_dir():
         return local_source(path, dtype)
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        return hub_source(source, revision, dtype)
+        return hub_source(source, revision, dtype, ranges)
     raise ConfigError(f"SOURCE={source}: not a directory, .ckpt or hub repo id (SOURCE: a HF repo id, a directory "
                       "with config.json and safetensors, or an ethos run dir / .ckpt)")

@@ -1,8 +1,9 @@
 """Singular-value spectra and effective ranks of every attention matrix of a checkpoint, layer by layer.
 
-    python -m ethos.analysis.spectra SOURCE --out DIR [--layers 0,30,60] [--first N] [--dtype float64]
+    python -m ethos.analysis.spectra SOURCE --out DIR [--layers 0,30,60] [--first N] [--dtype float64] [--ranges]
 
-SOURCE: a HF repo id (only the shards holding attention tensors are downloaded), a local directory of
+SOURCE: a HF repo id (only the shards holding attention tensors are downloaded; with --ranges only the attention
+tensors' bytes), a local directory of
 safetensors in the HF layout, or an ethos run dir / .ckpt (ethos/analysis/checkpoints.py reads them all into
 one layout). Per layer and, where it has heads, per head (DESIGN.md §4):
 
@@ -181,12 +182,12 @@ def write_tables(out: Path, rows: list[dict]) -> None:
 
 def analyse(source: str, out: str | Path, plot_layers: list[int] | None = None, first: int | None = None,
             dtype: torch.dtype = torch.float64, revision: str | None = None, progress: bool = True,
-            plots: bool = True) -> list[dict]:
+            plots: bool = True, ranges: bool = False) -> list[dict]:
     """Measure every layer of SOURCE (the first `first`), resuming from what `out` holds; returns the rows."""
     from tqdm import tqdm
 
     out = Path(out)
-    src = open_source(source, revision)
+    src = open_source(source, revision, ranges=ranges)
     meta = {"source": str(source), "description": src.description, "n_layers": src.n_layers}
     (out / "svals").mkdir(parents=True, exist_ok=True)
     if (out / "meta.json").is_file():
@@ -229,13 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--first", type=int, default=None, help="analyse only the first N layers")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--ranges", action="store_true", help="hub: fetch only the attention tensors' bytes (HTTP range "
+                                                         "requests), not the whole shards that hold them")
     args = p.parse_args(argv)
     try:
         plot_layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     except ValueError:
         p.error(f"--layers={args.layers}: expected comma-separated layer indices, e.g. 0,30,60")
     try:
-        rows = analyse(args.source, args.out, plot_layers, args.first, getattr(torch, args.dtype), args.revision)
+        rows = analyse(args.source, args.out, plot_layers, args.first, getattr(torch, args.dtype), args.revision,
+                       ranges=args.ranges)
     except ConfigError as e:
         print(f"ethos: {e.kind}: {e}", file=sys.stderr)
         sys.exit(2)
