@@ -32,6 +32,8 @@ def plot_erank(out: Path, rows: list[dict]) -> None:
     import numpy as np
 
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     kinds = [k for k in TITLES if any(r["kind"] == k for r in rows)]
     fig, axes = _grid(plt, len(kinds))
     for ax, kind in zip(axes, kinds):
@@ -46,6 +48,7 @@ def plot_erank(out: Path, rows: list[dict]) -> None:
                                 color=line.get_color())
         ax.set_title(f"{TITLES[kind]} (of {sel[0]['n_sv']})", fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("effective rank" + (" (median, min-max)" if kind in HEAD_KINDS else ""), fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -66,7 +69,7 @@ def plot_heatmaps(out: Path, rows: list[dict], tau: float = TAUS[-1]) -> None:
         grid = np.full((len(layers), heads), np.nan)
         for r in sel:
             grid[layers.index(r["layer"]), r["head"]] = r[f"erank_{tau}"]
-        fig, ax = plt.subplots(figsize=(min(14, 3 + heads * 0.08), min(12, 2 + len(layers) * 0.15)))
+        fig, ax = plt.subplots(figsize=(min(14, max(5.5, 3 + heads * 0.08)), min(12, max(3, 2 + len(layers) * 0.15))))
         im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
         ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=6)
         ax.set_xlabel("head")

@@ -8,7 +8,8 @@ safetensors in the HF layout, or an ethos run dir / .ckpt (ethos/analysis/checkp
 one layout). Per layer and, where it has heads, per head (DESIGN.md §4):
 
     o_head  W_O_h (d_v x d)          o    stacked W_O (H d_v x d)
-    qk      W_QK_h = W_q_h W_k_g^T   (MLA: nope part, in latent coordinates, r_q x r_kv; MHA/GQA: d x d)
+    qk      W_QK_h = W_q_h W_k_g^T   (MLA: nope part, in latent coordinates, r_q x r_kv; MHA/GQA, and our MLA
+                                      with partial RoPE: the whole head, i.e. the form at relative position 0)
     vo      W_VO_h = W_v_g W_O_h     (MLA: r_kv x d; MHA/GQA: d x d)
     qa, kva, kr                      the MLA down-projections and the shared rope key head
 
