@@ -67,9 +67,10 @@ def r_factor(x: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20) -> Tensor:
     return torch.cat([torch.linalg.qr(x[i:i + step].to(dtype), mode="r").R.clone() for i in range(0, len(x), step)])
 
 
-def gram(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20) -> Tensor:
-    """The Gram matrix of the smaller side of a 2-D matrix (any strides), accumulated in `dtype` over slices of
-    the larger side (never a `dtype` copy of the whole matrix)."""
+def gram(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 22, block: int = 1024) -> Tensor:
+    """The lower triangle (all `gram_svdvals` reads) of the Gram matrix of the smaller side of a 2-D matrix (any
+    strides), accumulated in `dtype` over slices of the larger side: never a `dtype` copy of the whole matrix, and
+    one product per block of rows against the columns up to its diagonal, about half the multiply-adds."""
     if w.shape[0] < w.shape[1]:
         w = w.T
     m, n = w.shape
@@ -77,13 +78,15 @@ def gram(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20) -> Tensor:
     step = max(1, max_elems // n)
     for i in range(0, m, step):
         x = w[i:i + step].to(dtype)
-        g.addmm_(x.T, x)
+        for lo in range(0, n, block):
+            hi = min(n, lo + block)
+            g[lo:hi, :hi].addmm_(x[:, lo:hi].T, x[:, :hi])
     return g
 
 
 def gram_svdvals(g: Tensor) -> Tensor:
-    """Singular values (descending) of the matrix whose Gram matrix is g."""
-    return torch.linalg.eigvalsh(g).flip(-1).clamp_min(0).sqrt()
+    """Singular values (descending) of the matrix whose Gram matrix has lower triangle g."""
+    return torch.linalg.eigvalsh(g, UPLO="L").flip(-1).clamp_min(0).sqrt()
 
 
 def release_memory() -> None:
