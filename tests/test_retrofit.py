@@ -3,6 +3,7 @@ activation-aware truncation against plain truncation on its own objective, and t
 loaded by a fine-tune and by continued pretraining."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -96,3 +97,24 @@ def test_a_hf_checkpoint_gets_the_weight_table_and_one_line_errors(tmp_path, cap
     with pytest.raises(ConfigError, match="its rank is at most"):
         retrofit(str(path), [10_000], tmp_path / "x")
     capsys.readouterr()
+
+
+def test_the_readme_retrofit_command_runs(mla_run, tmp_path, monkeypatch):
+    """The README's command, run where its SOURCE exists (our tiny MLA run at outputs/train/runs/mla)."""
+    import re
+    import shlex
+    import shutil
+
+    from conftest import ROOT
+
+    lines = re.findall(r"^python -m ethos\.analysis\.retrofit (.*)$", (ROOT / "README.md").read_text(), flags=re.M)
+    assert lines, "README documents no retrofit command"
+    shutil.copytree(mla_run, tmp_path / "outputs" / "train" / "runs" / "mla")
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        args = shlex.split(line.split("#")[0])
+        main(args)
+        out = Path(args[args.index("--out") + 1])
+        assert (out / "retrofit.md").is_file()
+        for r in args[args.index("--write") + 1].split(",") if "--write" in args else []:
+            assert load_task(out / f"mla_o_r{r}")[1]["ethos"]["model"]["attn"]["o_latent"] == int(r)
