@@ -67,7 +67,7 @@ def r_factor(x: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20) -> Tensor:
     return torch.cat([torch.linalg.qr(x[i:i + step].to(dtype), mode="r").R.clone() for i in range(0, len(x), step)])
 
 
-def gram(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 22, block: int = 1024) -> Tensor:
+def gram(w: Tensor, dtype: torch.dtype, max_elems: int = 1 << 20, block: int = 1024) -> Tensor:
     """The lower triangle (all `gram_svdvals` reads) of the Gram matrix of the smaller side of a 2-D matrix (any
     strides), accumulated in `dtype` over slices of the larger side: never a `dtype` copy of the whole matrix, and
     one product per block of rows against the columns up to its diagonal, about half the multiply-adds."""
