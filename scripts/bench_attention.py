@@ -135,16 +135,17 @@ def bench_scores(args) -> list[dict]:
     d = args.d_model[0]
     heads = d // args.head_dim
     common = {"d_model": d, "n_heads": heads, "head_dim": args.head_dim, "rope_dims": args.head_dim // 2}
-    cls, kw = {"MHA": (MHA, {}), "MLA": (MLA, {"q_latent": int(args.q_latent * d), "kv_latent": int(args.kv_latent * d)}),
-               "MLA-o": (MLAO, {"q_latent": int(args.q_latent * d), "kv_latent": int(args.kv_latent * d),
-                                "o_latent": int(args.o_latent[0] * d)})}[args.variant]
+    latents = {"q_latent": int(args.q_latent * d), "kv_latent": int(args.kv_latent * d)}
+    cls, kw = {"MHA": (MHA, {}), "MLA": (MLA, latents),
+               "MLA-o": (MLAO, {**latents, "o_latent": int(args.o_latent[0] * d)})}[args.variant]
     rows = []
     for seq in args.seq:
         batch = max(1, args.tokens // seq)
         mods = {}
         for score, gate in SCORE_ROWS:
             torch.manual_seed(0)
-            mods[(score, gate)] = cls(**common, **kw, max_seq_len=seq, score=score, gate=gate).to(args.device, args.dtype)
+            m = cls(**common, **kw, max_seq_len=seq, score=score, gate=gate)
+            mods[(score, gate)] = m.to(args.device, args.dtype)
         x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
         rope = rope_tables(args.head_dim // 2, seq, dtype=args.dtype, device=args.device)
         steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
@@ -191,7 +192,8 @@ def plot_scores(rows: list[dict], path: Path) -> None:
     for ax, key, title in zip(axes, ("time_vs_softmax", "mem_vs_softmax"),
                               ("fwd+bwd time / softmax", "peak memory / softmax")):
         for i, seq in enumerate(seqs):
-            vals = [next(r[key] for r in rows if r["seq"] == seq and (r["score"], r["gate"]) == sg) for sg in SCORE_ROWS]
+            vals = [next(r[key] for r in rows if r["seq"] == seq and (r["score"], r["gate"]) == sg)
+                    for sg in SCORE_ROWS]
             ax.bar([j + i * width for j in range(len(names))], vals, width, label=f"T={seq}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xticks([j + width * (len(seqs) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")

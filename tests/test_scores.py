@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_attention_mla import naive_rope, randomize_norms, rel
 
 from ethos.errors import ConfigError
 from ethos.models.attention import MHA, MLA, MLAO
 from ethos.models.scores import Attend, allowed_keys, flex, null_key_sdpa, plain, record_attention, sdpa_mask
-from test_attention_mla import naive_rope, randomize_norms, rel
 
 SCORES = ["softmax", "softmax1", "sink", "sigmoid", "relu"]
 GATES = ["none", "head", "elementwise"]
@@ -317,13 +317,15 @@ def test_closed_forms_count_gates_and_sinks():
 def test_short_run_trains_and_logs_artifacts(score, cache_dir, tmp_path):
     """Each score function (sink and sigmoid with a gate, to train those parameters too) learns on the
     offline corpus, and the artifact callback logs its metrics for every layer at every validation."""
-    from conftest import compose
-    from ethos.cli import train
     from test_train import metrics
 
+    from conftest import compose
+    from ethos.cli import train
+
     gate = {"sink": "head", "sigmoid": "elementwise"}.get(score, "none")
-    cfg = compose(["debug=tiny", "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6", "data.batch_size=8",
-                   "optim.lr=3e-3", f"model.attn.score={score}", f"model.attn.gate={gate}"], output_dir=tmp_path)
+    cfg = compose(["debug=tiny", "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6",
+                   "data.batch_size=8", "optim.lr=3e-3", f"model.attn.score={score}", f"model.attn.gate={gate}"],
+                  output_dir=tmp_path)
     train(cfg)
     m = metrics(tmp_path)
     val = [v for _, v in m["val/loss"]]

@@ -3,12 +3,12 @@
 import pickle
 import subprocess
 import sys
-from typing import Annotated, Literal, Union
+from typing import Annotated, Union
 
 from conftest import ROOT, compose
 from ethos import signatures as sig
 from ethos.config import validate
-from ethos.types import Gt, PositiveInt
+from ethos.types import Gt
 
 
 def test_portable_annotations_load_without_their_libraries():

@@ -111,7 +111,8 @@ def measure(pl_module, batch: dict, sep_id: int | None) -> dict[str, float]:
                 one = {k: v[j: j + 1].to(pl_module.device) for k, v in batch.items()}
                 if "input_ids" in one:
                     mask = one.get("attention_mask")
-                    row["real"] = mask.bool() if mask is not None else torch.ones_like(one["input_ids"], dtype=torch.bool)
+                    ids = one["input_ids"]
+                    row["real"] = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
                     row["sep"] = (one["input_ids"] == sep_id).float() if sep_id is not None else None
                     model(one["input_ids"], one.get("attention_mask"))
                 elif "image" in one:

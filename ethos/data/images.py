@@ -227,7 +227,8 @@ class ImageDataModule(L.LightningDataModule):
     modality = "image"
 
     def __init__(self, cache_dir: str, img_size: PositiveInt = 224, batch_size: PositiveInt = 64,
-                 eval_batch_size: PositiveInt | None = None, in_chans: PositiveInt = 3, scale: tuple[Probability, Probability] = (0.08, 1.0),
+                 eval_batch_size: PositiveInt | None = None, in_chans: PositiveInt = 3,
+                 scale: tuple[Probability, Probability] = (0.08, 1.0),
                  hflip: Probability = 0.5, auto_augment: str | None = None, color_jitter: NonNegativeFloat = 0.0,
                  re_prob: Probability = 0.0, interpolation: Interpolation = "bicubic",
                  crop_pct: Annotated[float, Gt(0), Le(1)] = 0.875, mean: tuple[float, ...] = (0.485, 0.456, 0.406),

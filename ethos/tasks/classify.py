@@ -4,11 +4,11 @@ The model-side settings are this task's: patch size (null: from the image size, 
 and label smoothing. The data gives the images, their size, and mixup / cutmix (a batch transform).
 """
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
-
-from typing import Literal
 
 from ethos.models.config import ModelConfig
 from ethos.models.vit import ViT, auto_patch_size
