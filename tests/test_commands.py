@@ -136,7 +136,9 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("debug", options("debug"))
 @pytest.mark.parametrize("data", options("data"))
 def test_every_debug_option_with_every_data_option(debug, data, tmp_path):
-    cfg, _, dm = compose_checked([f"debug={debug}", f"data={data}"], tmp_path)
+    from test_config import NEEDS
+
+    cfg, _, dm = compose_checked([f"debug={debug}", f"data={data}", *NEEDS.get(f"data={data}", [])], tmp_path)
     assert dm.batch_size == cfg.data.batch_size
 
 
