@@ -242,12 +242,29 @@ class WriteResults(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         import logging
 
-        sweep = Path(config.hydra.sweep.dir)
+        group = os.environ.get("ETHOS_GROUP")
         try:
-            write_results(sweep, group=os.environ.get("ETHOS_GROUP"))
-            logging.getLogger(__name__).info(f"results: {sweep / 'results.md'}")
+            for sweep in sweep_dirs(config, group):
+                write_results(sweep, group=group)
+                logging.getLogger(__name__).info(f"results: {sweep / 'results.md'}")
         except Exception:  # the runs are done and saved; a table that fails must not fail the multirun
             logging.getLogger(__name__).exception("results table not written")
+
+
+def sweep_dirs(config, group: str | None) -> list[Path]:
+    """Where this multirun's runs are. The sweep dir is per job (outputs/<task_name>/multiruns): a swept
+    experiment sets its own task_name, so the runs may not be where the multirun's own config says. Found by
+    their status.json (its group), else the configured dir."""
+    own = Path(config.hydra.sweep.dir)
+    found = set()
+    for pattern, root in (("*/status.json", own), ("*/multiruns/*/status.json", Path(config.paths.log_dir))):
+        for status in root.glob(pattern) if root.is_dir() else []:
+            try:
+                if json.loads(status.read_text()).get("group") == group:
+                    found.add(status.parent.parent)
+            except (OSError, ValueError):  # a job writing it right now, or a broken one: its dir is found by others
+                continue
+    return sorted(found) or [own]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,12 +49,13 @@ def test_errors_are_the_svd_tails_and_activation_aware_wins_on_its_objective(mla
     assert (plain["weight_rel_error"] <= aware["weight_rel_error"] + 1e-9).all()
     assert (aware["output_rel_error"] < plain["output_rel_error"] - 1e-4).any()  # and it matters somewhere
     assert (aware.xs(64, level="rank")["output_rel_error"] < 1e-6).all()  # full rank: exact
+    assert (plain.xs(64, level="rank")["weight_rel_error"] < 1e-9).all()
     assert {p.name for p in tmp_path.iterdir()} >= {"retrofit.csv", "retrofit.md", "retrofit.png", "retrofit.json"}
     assert df["break_even_rank"].iloc[0] == break_even(64, 64) == 32
 
 
 @pytest.mark.timeout(400)
-def test_written_mla_o_runs_load_in_a_fine_tune_and_in_continued_pretraining(mla_run, tmp_path):
+def test_written_mla_o_runs_load_in_a_fine_tune_and_in_continued_pretraining(mla_run, tmp_path, capsys):
     out = tmp_path / "retro"
     report = retrofit(str(mla_run), [8, 64], out, activation_aware=True, calib_batches=4, write=[8, 64],
                       evaluate=True, val_batches=1000)
@@ -63,6 +64,9 @@ def test_written_mla_o_runs_load_in_a_fine_tune_and_in_continued_pretraining(mla
     assert loss["plain r=64"] == pytest.approx(loss["original"], rel=1e-5)
     assert loss["activation r=64"] == pytest.approx(loss["original"], rel=1e-4)
     assert loss["plain r=8"] > loss["original"]
+    with capsys.disabled():  # reported, not asserted: which truncation loses less at a reduced rank
+        print(f"\nretrofit r=8 of 64, val loss: original {loss['original']:.4f}, plain SVD {loss['plain r=8']:.4f}, "
+              f"activation-aware {loss['activation r=8']:.4f}")
     src, _ = load_task(mla_run)
     full, ckpt = load_task(out / "mla_o_r64")
     assert type(full.model.trunk.blocks[0].attn).__name__ == "MLAO" and ckpt["ethos"]["model"]["attn"]["o_latent"] == 64
