@@ -146,14 +146,16 @@ def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
 @pytest.mark.timeout(300)
 def test_a_swept_task_name_gets_its_table_where_its_runs_are(cache_dir, tmp_path):
     """Each experiment names its own run dirs (task_name): sweeping experiments, the runs are not in the
-    multirun's default dir, and the table must follow them there."""
-    args = ["-m", "task_name=alpha,beta", "debug=tiny", "logger=csv", "print_config=false", "trainer.max_steps=2",
-            "trainer.val_check_interval=2", f"paths.log_dir={tmp_path}"]
+    multirun's default dir, and the table must follow them there; with the default logger (W&B) its numbers
+    come from the CSV log kept beside it."""
+    args = ["-m", "task_name=alpha,beta", "debug=tiny", "logger=wandb", "print_config=false", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", f"paths.log_dir={tmp_path}"]  # the default logger: W&B (+ CSV)
     env = {**os.environ, "ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline"}
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("alpha", "beta"):
         runs = pd.read_csv(tmp_path / name / "multiruns" / "results.csv")
-        assert list(runs["status"]) == ["done"]
+        assert list(runs["status"]) == ["done"] and runs["val_loss_final"].notna().all()
+        assert runs["params_total"].notna().all()
     assert not (tmp_path / "train" / "multiruns" / "results.csv").exists()  # no empty table where nothing ran
