@@ -169,9 +169,15 @@ def train(cfg: DictConfig) -> float | None:
     pretraining's final val/loss (what a sweeper optimises)."""
     metric = fit(cfg)
     if cfg.get("finetune_after"):
+        from ethos.results import write_status
         from ethos.study import finetune_config
 
-        train(finetune_config(cfg, Path(cfg.paths.output_dir)))
+        ft = finetune_config(cfg, Path(cfg.paths.output_dir))
+        try:
+            train(ft)
+        except Exception as e:  # marked on the fine-tune; the pretraining run stays done (see _main)
+            write_status(Path(ft.paths.output_dir), "failed", error=f"{type(e).__name__}: {e}")
+            raise
     return metric
 
 
@@ -277,10 +283,16 @@ def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ethos.results import write_status
-
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(cfg.paths.output_dir)
+
+    def write_status(run_dir: Path, status: str, **kw) -> None:
+        from ethos.results import read_status
+        from ethos.results import write_status as write
+
+        if read_status(run_dir) != "done":  # a finished pretraining whose fine-tune (finetune_after) failed stays
+            write(run_dir, status, **kw)    # done: the fine-tune's own dir says what failed
+
     try:
         return train(cfg)
     except ConfigError as e:

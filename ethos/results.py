@@ -33,6 +33,13 @@ def write_status(run_dir: Path, status: str, step: int | None = None, error: str
     tmp.replace(run_dir / STATUS_FILE)
 
 
+def read_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def find_runs(root: Path) -> list[Path]:
     """Run dirs under root, not those set aside by resume=never (<run dir>/previous/...)."""
     found = {p.parent for name in ("config_resolved.yaml", STATUS_FILE) for p in root.rglob(name)}

@@ -49,5 +49,12 @@ def finetune_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         ft.paths.output_dir = str(run_dir / "finetune" / name)
         ft.run_name = f"{cfg.run_name or run_dir.name}/finetune/{name}"
         ft.finetune_after, ft.ckpt_path = None, None
-    # key=value items parsed as the command line's are (1e-3 is a number); an unknown key is the config check's
-    return OmegaConf.merge(ft, OmegaConf.from_dotlist([str(o) for o in spec.get("overrides") or []]))
+    # key=value items parsed as the command line's are (1e-3 is a number). A key the group's file lacks may be
+    # added (as +key= on the command line): whether its target takes it is the config check's question
+    OmegaConf.set_struct(ft, False)
+    try:
+        ft = OmegaConf.merge(ft, OmegaConf.from_dotlist([str(o) for o in spec.get("overrides") or []]))
+    except Exception as e:  # noqa: BLE001 - omegaconf's parse and merge errors, as one line
+        raise ConfigError(f"finetune_after.overrides={list(spec.overrides)}: {str(e).splitlines()[0]}") from None
+    OmegaConf.set_struct(ft, True)
+    return ft

@@ -261,3 +261,21 @@ def test_epochs_become_steps_and_validation_follows_each_pass(pretrained, tmp_pa
     assert len(metrics(out)["val/acc"]) == 4
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=2: the data module TinyText.* is step-based"):
         train(compose(["debug=tiny", "trainer.max_epochs=2"], output_dir=tmp_path / "pre"))
+
+
+def test_finetune_after_fails_in_one_line_before_pretraining(tmp_path):
+    from ethos.cli import check
+    from ethos.study import finetune_config
+
+    cfg = compose(["debug=tiny", "finetune_after=docstrings", 'finetune_after.overrides=["optim.lr=abc"]'])
+    with pytest.raises(ConfigError, match="optim.lr='abc': must be a number > 0"):
+        check(finetune_config(cfg, tmp_path))
+    cfg = compose(["debug=tiny", "data=shapes", "finetune_after=docstrings"])
+    with pytest.raises(ConfigError, match="finetune_after=docstrings: fine-tunes a text backbone; this run trains "
+                                          "ImageClassifier"):
+        finetune_config(cfg, tmp_path)
+    out = tmp_path / "pre"
+    with pytest.raises(ConfigError, match="optim.lr='abc'"):  # through train(): nothing was pretrained
+        train(compose(["debug=tiny", "finetune_after=docstrings", 'finetune_after.overrides=["optim.lr=abc"]'],
+                      output_dir=out))
+    assert not (out / "checkpoints").exists()

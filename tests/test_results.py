@@ -1,6 +1,7 @@
 """The study table (ethos.results): a real 2 variants x 2 seeds multirun with one failing job, and the
 table's numbers checked against the run dirs they came from."""
 
+import json
 import math
 import os
 import subprocess
@@ -159,3 +160,21 @@ def test_a_swept_task_name_gets_its_table_where_its_runs_are(cache_dir, tmp_path
         assert list(runs["status"]) == ["done"] and runs["val_loss_final"].notna().all()
         assert runs["params_total"].notna().all()
     assert not (tmp_path / "train" / "multiruns" / "results.csv").exists()  # no empty table where nothing ran
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_fine_tune_is_marked_on_itself_and_leaves_its_run_done(cache_dir, tmp_path):
+    # a protocol that breaks at its first step: 3 docstring kinds, a head for 2 classes
+    args = ["-m", "seed=1", "debug=tiny", "logger=csv", "print_config=false", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", f"paths.log_dir={tmp_path}", "finetune_after=docstrings",
+            'finetune_after.overrides=["data.num_classes=2","trainer.max_epochs=-1","trainer.max_steps=2"]']
+    env = {**os.environ, "ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]  # the sweep goes on
+    sweep = tmp_path / "train" / "multiruns"
+    (run,) = [d for d in sweep.iterdir() if d.is_dir()]
+    ft = json.loads((run / "finetune" / "docstrings" / "status.json").read_text())
+    assert ft["status"] == "failed" and "data.num_classes=2: the train split has labels 0..2" in ft["error"]
+    runs = pd.read_csv(sweep / "results.csv")
+    assert list(runs["status"]) == ["done"] and runs["downstream_acc"].isna().all()

@@ -138,8 +138,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.splits = {k: raw[k].map(encode, batched=True, remove_columns=raw[k].column_names)
                        for k in ("train", "validation")}
         for k, v in self.splits.items():
+            labels = v["labels"]
+            if labels and not 0 <= min(labels) <= max(labels) < self.num_classes:
+                raise ConfigError(f"data.num_classes={self.num_classes}: the {k} split has labels "
+                                  f"{min(labels)}..{max(labels)} (labels must be 0..num_classes-1)")
             counts = [0] * self.num_classes
-            for y in v["labels"]:
+            for y in labels:
                 counts[y] += 1
             log.info(f"data {k}: {len(v)} examples, classes {counts} (majority {max(counts) / len(v):.1%})")
 
