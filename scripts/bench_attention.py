@@ -58,17 +58,13 @@ def build(d: int, heads: int, seq: int, q_lat: int, kv_lat: int, o_lats: list[in
             for k, (cls, kw) in specs.items()}
 
 
-def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
-    batch = max(1, args.tokens // seq)
-    built = build(d, heads, seq, q_lat, kv_lat, o_lats, args)
-    mods, flops = {k: m for k, (m, _) in built.items()}, {k: f for k, (_, f) in built.items()}
-    x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
-    rope = rope_tables((d // heads) // 2, seq, dtype=args.dtype, device=args.device)  # shared, as in the trunk
-    steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
+def median_times(steps: dict, mods: dict, x: torch.Tensor, args) -> dict:
+    """Median seconds of each step after `args.warmup` rounds, timed round-robin (one step of each per repeat, so
+    load drift on a shared machine hits all of them alike), gradients cleared before each."""
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    times = {k: [] for k in mods}
+    times = {k: [] for k in steps}
     for _ in range(args.repeats):
         for k, step in steps.items():
             for m in mods.values():
@@ -79,7 +75,17 @@ def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
             step()
             sync(args.device)
             times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
+    batch = max(1, args.tokens // seq)
+    built = build(d, heads, seq, q_lat, kv_lat, o_lats, args)
+    mods, flops = {k: m for k, (m, _) in built.items()}, {k: f for k, (_, f) in built.items()}
+    x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
+    rope = rope_tables((d // heads) // 2, seq, dtype=args.dtype, device=args.device)  # shared, as in the trunk
+    steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
+    med = median_times(steps, mods, x, args)
     rows = []
     for k, m in mods.items():
         rows.append({"d_model": d, "heads": heads, "seq": seq, "batch": batch, "q_latent": q_lat, "kv_latent": kv_lat,
@@ -149,27 +155,13 @@ def bench_scores(args) -> list[dict]:
         x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
         rope = rope_tables(args.head_dim // 2, seq, dtype=args.dtype, device=args.device)
         steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
-        for _ in range(args.warmup):
-            for step in steps.values():
-                step()
-        times = {k: [] for k in mods}
-        for _ in range(args.repeats):
-            for k, step in steps.items():
-                for m in mods.values():
-                    m.zero_grad(set_to_none=True)
-                x.grad = None
-                sync(args.device)
-                t0 = time.perf_counter()
-                step()
-                sync(args.device)
-                times[k].append(time.perf_counter() - t0)
+        med = median_times(steps, mods, x, args)
         mem = {}
         for k, step in steps.items():
             for m in mods.values():
                 m.zero_grad(set_to_none=True)
             x.grad = None
             mem[k] = peak_mb(step, args.device)
-        med = {k: statistics.median(v) for k, v in times.items()}
         base = ("softmax", "none")
         for (score, gate), t in med.items():
             rows.append({"variant": args.variant, "d_model": d, "heads": heads, "seq": seq, "batch": batch,
