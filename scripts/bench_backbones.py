@@ -134,7 +134,7 @@ def data_times(args) -> dict[str, float]:
     text = TinyTextDataModule(cache_dir=str(cache / "tiny"), seq_len=128, batch_size=args.text_batch)
     text.prepare_data()
     text.setup()
-    img = ShapesDataModule(cache_dir=str(cache / "shapes"), img_size=32, vit={"patch_size": 4},
+    img = ShapesDataModule(cache_dir=str(cache / "shapes"), img_size=32,
                            batch_size=args.img_batch, scale=(0.8, 1.0), auto_augment="rand-m9-mstd0.5-inc1",
                            crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
     img.prepare_data()

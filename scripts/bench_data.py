@@ -175,10 +175,13 @@ def write_shards(root: Path, shards: int, docs: int, words: int) -> str:
     return str(root / "*.parquet")
 
 
+VAL_DOCS = 100  # held out of the stream for validation
+
+
 def stream_module(files: str, cache: Path, args) -> TextFilesDataModule:
     dm = TextFilesDataModule(cache_dir=str(cache), data_files=files, vocab_size=1000, tokenizer_docs=2000,
                              seq_len=args.stream_seq_len, batch_size=args.stream_batch_size, streaming=True,
-                             val_docs=100, shuffle_buffer=args.shuffle_buffer)
+                             val_docs=VAL_DOCS, shuffle_buffer=args.shuffle_buffer)
     dm.prepare_data()
     dm.setup("fit")
     # a stand-in trainer at step 0 of a run long enough to reach the target micro-batch
@@ -190,8 +193,9 @@ def stream_module(files: str, cache: Path, args) -> TextFilesDataModule:
 def bench_stream_resume(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ethos_bench_stream_", dir=args.data_dir))
     try:
-        # ~40 tokens a document; enough documents that micro-batch `stream_steps` lies inside the first pass
-        need = args.stream_steps * args.stream_batch_size * args.stream_seq_len / 40 * 1.3
+        # ~40 tokens a document; enough documents that micro-batch `stream_steps` lies inside the first pass,
+        # after the validation documents the stream holds out
+        need = args.stream_steps * args.stream_batch_size * args.stream_seq_len / 40 * 1.3 + VAL_DOCS
         shards = 8
         files = write_shards(work / "corpus", shards, int(need / shards) + 1, 36)
         dm = stream_module(files, work / "cache", args)
