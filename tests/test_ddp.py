@@ -166,3 +166,35 @@ def test_a_run_moves_between_one_process_and_fsdp(cache_dir, tmp_path):
     one_process(run_dir, "mlm")  # the same run dir: resumes from its last.ckpt
     assert_same_training_state(ckpt(one_process(tmp_path / "one", "mlm")), ckpt(run_dir), rtol=1e-4, atol=1e-6,
                                opt_atol=1e-7)
+
+
+def test_attention_stats_over_two_processes(ddp_run):
+    """Each rank measures the first rows of its own first validation batch; the run logs the mean of the ranks'
+    averages and the largest of their max_activation. Checked against `measure` on each rank's rows, in one
+    process, with the weights of the step (its checkpoint)."""
+    from types import SimpleNamespace
+
+    from ethos.callbacks.attention_stats import measure
+    from ethos.config import instantiate
+    from ethos.data.text import special_ids
+    from ethos.pretrained import load_task
+
+    cfg = compose(COMMON + ["task=clm", "trainer=ddp", *TWO, f"trainer.max_steps={STEPS}"])
+    rows = cfg.callbacks.attention_stats.batch_size
+    task, _ = load_task(ddp_run / "checkpoints" / "last.ckpt")
+    per_rank = []
+    for rank in range(2):
+        dm = instantiate(cfg.data)
+        dm.trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=1, max_steps=STEPS, global_rank=rank,
+                                     world_size=2, lightning_module=task)  # the task picks the collator (CLM)
+        dm.prepare_data()
+        dm.setup("fit")
+        batch = {k: v[:rows] for k, v in next(iter(dm.val_dataloader())).items() if isinstance(v, torch.Tensor)}
+        per_rank.append(measure(task, batch, special_ids(dm.tokenizer)[1]))
+    assert per_rank[0] != per_rank[1]  # the ranks saw different rows
+    with open(ddp_run / "csv" / "metrics.csv") as f:
+        (logged,) = [r for r in csv.DictReader(f) if r.get("artifacts/layer0/entropy")]
+    assert logged["val/loss"]  # the one validation, at the end: the weights of the last checkpoint
+    for key in per_rank[0]:
+        reduce = max if key.endswith("/max_activation") else (lambda a, b: (a + b) / 2)
+        assert float(logged[key]) == pytest.approx(reduce(per_rank[0][key], per_rank[1][key]), rel=1e-4), key

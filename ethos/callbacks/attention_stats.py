@@ -14,6 +14,9 @@ i (averaged over heads and real query tokens):
     artifacts/layer{i}/null_mass       softmax1 / sink: the mass given to nothing, 1 - sum of the weights
     artifacts/layer{i}/max_activation  the largest |x| in the residual stream after the block (outlier
                                        features, what off-by-one attention claims to remove)
+
+With several processes each rank measures the rows of its own first validation batch (as many as every rank
+has): the logged averages are the mean over ranks, max_activation the largest on any rank.
 """
 
 import lightning as L
@@ -48,9 +51,24 @@ class AttentionStats(L.Callback):
         self.validations += 1
         if (self.validations - 1) % self.every_n_val:
             return
-        metrics = measure(pl_module, self._batch, separator_id(trainer))
+        metrics = measure(pl_module, self._batch, separator_id(trainer), rows=common_rows(self._batch, pl_module))
         if metrics:
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)  # ranks measure their own rows
+            # each rank measures its own rows: the averages are averaged over ranks, the largest activation is
+            # the largest on any rank
+            peaks = {k: metrics.pop(k) for k in list(metrics) if k.endswith("/max_activation")}
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True)
+            pl_module.log_dict(peaks, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+
+
+def common_rows(batch: dict, pl_module) -> int:
+    """The rows every rank has (a rank's first validation batch may be one short): under FSDP each forward
+    gathers parameters with the other ranks, so all ranks must run the same number."""
+    rows = next(iter(batch.values())).shape[0]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        n = torch.tensor([rows], device=pl_module.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        rows = int(n)
+    return rows
 
 
 def separator_id(trainer) -> int | None:
@@ -64,8 +82,9 @@ def separator_id(trainer) -> int | None:
 
 
 @torch.no_grad()
-def measure(pl_module, batch: dict, sep_id: int | None) -> dict[str, float]:
-    """The artifact metrics of `batch` (see the module docstring), one row per forward."""
+def measure(pl_module, batch: dict, sep_id: int | None, rows: int | None = None) -> dict[str, float]:
+    """The artifact metrics of the first `rows` rows of `batch` (all by default; see the module docstring), one
+    row per forward."""
     blocks = [m for m in pl_module.modules() if isinstance(m, Block)]
     layer_of = {id(b.attn.attend): i for i, b in enumerate(blocks) if isinstance(getattr(b.attn, "attend", None),
                                                                                Attend)}
@@ -106,8 +125,7 @@ def measure(pl_module, batch: dict, sep_id: int | None) -> dict[str, float]:
     model = pl_module.model
     try:
         with record_attention(model, probe):
-            rows = next(iter(batch.values())).shape[0]
-            for j in range(rows):
+            for j in range(next(iter(batch.values())).shape[0] if rows is None else rows):
                 one = {k: v[j: j + 1].to(pl_module.device) for k, v in batch.items()}
                 if "input_ids" in one:
                     mask = one.get("attention_mask")
