@@ -198,3 +198,23 @@ def test_attention_stats_over_two_processes(ddp_run):
     for key in per_rank[0]:
         reduce = max if key.endswith("/max_activation") else (lambda a, b: (a + b) / 2)
         assert float(logged[key]) == pytest.approx(reduce(per_rank[0][key], per_rank[1][key]), rel=1e-4), key
+
+
+def test_rank_callback_gathers_sharded_weights(tmp_path):
+    """Under FSDP2 every rank gathers each layer's attention weights together and rank 0 measures them: the
+    logged ranks at the last step equal those of the matrices built from the checkpoint (test_ranks.expected)."""
+    from test_ranks import expected
+    from test_train import metrics
+
+    from ethos.pretrained import load_task
+
+    res = run_ddp(tmp_path, "ranks", STEPS, ["callbacks.ranks.every_n_steps=3"], objective="mlm", strategy="fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "train" / "runs" / "ranks"
+    m = metrics(run)
+    state = ckpt(run)
+    assert state["global_step"] == STEPS
+    want = expected(state["state_dict"], load_task(run)[0].model.trunk.blocks)
+    for key, value in want.items():
+        assert [s for s, _ in m[key]] == [0, 3, 6], key
+        assert m[key][-1][1] == value, key

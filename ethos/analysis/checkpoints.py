@@ -362,6 +362,12 @@ def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32,
     return HFSource(name, config, reader)
 
 
+def whole(x: Tensor) -> Tensor:
+    """A parameter whole: a sharded one (FSDP2's DTensor) is gathered from every rank, a collective that all ranks
+    must call in the same order."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
 class EthosSource:
     """An ethos run dir or .ckpt: the task rebuilt from its self-describing checkpoint (encoder, decoder, ViT)."""
 
@@ -385,7 +391,7 @@ class EthosSource:
         from ethos.models.attention import MHA, MLA, MLAO
 
         block, parts = self.blocks[layer], set(parts)
-        attn, t = block.attn, (lambda x: x.detach().to(self.dtype))
+        attn, t = block.attn, (lambda x: whole(x).detach().to(self.dtype))
         g_in = t(block.attn_norm.weight)
         notes = ("LayerNorm: gain folded, centring and bias not",) if isinstance(block.attn_norm,
                                                                                   torch.nn.LayerNorm) else ()

@@ -42,6 +42,8 @@ from ethos.errors import ConfigError
 TAUS = (0.99, 0.999)
 HEAD_KINDS = ("o_head", "qk", "vo")
 LAYER_KINDS = ("o", "qa", "kva", "kr")
+# what layer_spectra reads of a layer, in this order: W_O first, measured and let go before the rest is read
+READS = (("o",), ("q", "k", "v", "qa", "kva", "kr"))
 COLUMNS = ["layer", "kind", "head", "rows", "cols", "n_sv", "sigma_1", "stable_rank",
            *[f"erank_{t}" for t in TAUS]]
 
@@ -102,7 +104,7 @@ def layer_spectra(source, layer: int, dtype: torch.dtype = torch.float64) -> tup
     """({kind: singular values}, {kind: (rows, cols)}) of one layer: per-head kinds (H, k), whole ones (k,).
     W_O is read and measured first and let go before the rest is read, so peak memory is the larger stage."""
     svals, shapes = {}, {}
-    w: AttentionWeights = source.read(layer, ("o",))
+    w: AttentionWeights = source.read(layer, READS[0])
     H, d_v, d = w.o.shape
     r_o = r_factor(w.o.transpose(1, 2), dtype)  # W_O_h^T = Q R: svdvals(W_O_h) = svdvals(R), and R serves W_VO_h
     svals["o_head"], shapes["o_head"] = torch.linalg.svdvals(r_o), (d_v, d)
@@ -113,7 +115,7 @@ def layer_spectra(source, layer: int, dtype: torch.dtype = torch.float64) -> tup
     svals["o"], shapes["o"] = gram_svdvals(g), (H * d_v, d)
     del g
     release_memory()
-    w = source.read(layer, ("q", "k", "v", "qa", "kva", "kr"))
+    w = source.read(layer, READS[1])
     kv, d_k = w.kv_head, w.k.shape[-1]
     r_q, r_k = r_factor(w.q[..., :d_k], dtype), r_factor(w.k, dtype)
     svals["qk"], shapes["qk"] = torch.linalg.svdvals(r_q @ r_k[kv].mT), (w.q.shape[1], w.k.shape[1])

@@ -15,8 +15,10 @@ step 0 on: the initial weights are measured when training starts. The values go 
 `pl_module.log` from a training hook would be written only at multiples of trainer.log_every_n_steps, and then
 again at every later one until overwritten.
 
-Global rank 0 measures and logs (under DDP every process holds the same weights). Under FSDP the weights are
-sharded: it skips, with one warning, rather than gather every layer onto every process.
+Global rank 0 measures and logs (under DDP every process holds the same weights). Under trainer=fsdp (FSDP2:
+parameters are sharded DTensors) each layer's attention weights are gathered whole, one layer at a time, by
+every rank together (a collective), and rank 0 measures them. Lightning's own FSDPStrategy (FSDP1 flat
+parameters) is not read: there it skips, with one warning.
 """
 
 from dataclasses import fields, replace
@@ -55,30 +57,26 @@ class AttentionRanks(L.Callback):
         if not self.every_n_steps or self._skip or step == self._last or not trainer.loggers:
             return
         self._last = step
-        if sharded(trainer, pl_module):
-            rank_zero_warn("callbacks.ranks: the weights are sharded (FSDP): attention ranks are not measured "
-                           "in this run (measure its checkpoints with python -m ethos.analysis.spectra)")
+        if flat_sharded(trainer):
+            rank_zero_warn("callbacks.ranks: Lightning's FSDPStrategy shards flat parameters: attention ranks are "
+                           "not measured in this run (use trainer=fsdp, or measure its checkpoints with "
+                           "python -m ethos.analysis.spectra)")
             self._skip = True
             return
-        if not trainer.is_global_zero:
+        gathered = any(hasattr(p, "full_tensor") for p in pl_module.parameters())  # FSDP2: every rank reads
+        if not (trainer.is_global_zero or gathered):
             return
-        metrics = measure(pl_module.model, self.taus, self.dtype)
-        for logger in trainer.loggers:  # straight to the loggers (see the module docstring)
-            logger.log_metrics(metrics, step=step)
+        metrics = measure(pl_module.model, self.taus, self.dtype, here=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # straight to the loggers (see the module docstring)
+                logger.log_metrics(metrics, step=step)
 
 
-def sharded(trainer, pl_module) -> bool:
-    """FSDP (ours: FSDP2 over DTensors; Lightning's FSDPStrategy: FSDP1 flat parameters): no rank holds a whole
-    layer outside its forward."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+def flat_sharded(trainer) -> bool:
+    """Lightning's FSDPStrategy (FSDP1): no rank holds a whole layer outside its forward, and no layer is read."""
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
-        return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without distributed
-        return False
-    return any(isinstance(p, DTensor) for p in pl_module.parameters())
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 class OnCPU:
@@ -94,15 +92,22 @@ class OnCPU:
 
 
 @torch.no_grad()
-def measure(model: torch.nn.Module, taus=(0.99, 0.999), dtype: torch.dtype = torch.float64) -> dict[str, float]:
-    """The metrics of the module docstring for a live backbone (encoder, decoder, ViT; MHA, MLA, MLA-o)."""
+def measure(model: torch.nn.Module, taus=(0.99, 0.999), dtype: torch.dtype = torch.float64,
+            here: bool = True) -> dict[str, float]:
+    """The metrics of the module docstring for a live backbone (encoder, decoder, ViT; MHA, MLA, MLA-o).
+    `here=False` (ranks other than 0 under FSDP2): read every layer as the measuring rank does, so that each
+    gather has all its ranks, and measure nothing."""
     from ethos.analysis.checkpoints import EthosSource
-    from ethos.analysis.spectra import effective_rank, layer_spectra
+    from ethos.analysis.spectra import READS, effective_rank, layer_spectra
 
     # read in float64: MLA-o's W_O = W_OA W_OB is formed on the model's device, where float32 may mean TF32
     source = EthosSource(type(model).__name__, torch.float64, model=model)
     out: dict[str, float] = {}
     for i in range(source.n_layers):
+        if not here:
+            for parts in READS:
+                source.read(i, parts)
+            continue
         svals, _ = layer_spectra(OnCPU(source), i, dtype)
         for tau in taus:
             out[f"rank/layer{i}/o_{tau}"] = float(effective_rank(svals["o"], tau))
