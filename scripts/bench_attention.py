@@ -20,25 +20,16 @@ resident set, reset through /proc/self/clear_refs, so Linux only). Writes <out>_
 """
 
 import argparse
-import csv
-import functools
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.bench import fixed_mmap_threshold, median_times, step_peak_mb, write_csv
 from ethos.models.attention import MHA, MLA, MLAO
 from ethos.models.rope import rope_tables
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def step_fn(m, x: torch.Tensor, rope):
@@ -58,24 +49,13 @@ def build(d: int, heads: int, seq: int, q_lat: int, kv_lat: int, o_lats: list[in
             for k, (cls, kw) in specs.items()}
 
 
-def median_times(steps: dict, mods: dict, x: torch.Tensor, args) -> dict:
-    """Median seconds of each step after `args.warmup` rounds, timed round-robin (one step of each per repeat, so
-    load drift on a shared machine hits all of them alike), gradients cleared before each."""
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step()
-    times = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for k, step in steps.items():
-            for m in mods.values():
-                m.zero_grad(set_to_none=True)
-            x.grad = None
-            sync(args.device)
-            t0 = time.perf_counter()
-            step()
-            sync(args.device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def timed(steps: dict, mods: dict, x: torch.Tensor, args) -> dict:
+    """Median seconds of each step (ethos.bench.median_times), gradients cleared before each."""
+    def clear():
+        for m in mods.values():
+            m.zero_grad(set_to_none=True)
+        x.grad = None
+    return median_times(steps, args.device, args.warmup, args.repeats, before=clear)
 
 
 def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
@@ -85,7 +65,7 @@ def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
     x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
     rope = rope_tables((d // heads) // 2, seq, dtype=args.dtype, device=args.device)  # shared, as in the trunk
     steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
-    med = median_times(steps, mods, x, args)
+    med = timed(steps, mods, x, args)
     rows = []
     for k, m in mods.items():
         rows.append({"d_model": d, "heads": heads, "seq": seq, "batch": batch, "q_latent": q_lat, "kv_latent": kv_lat,
@@ -101,38 +81,6 @@ def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
 SCORE_ROWS = [("softmax", "none"), ("softmax1", "none"), ("sink", "none"), ("sigmoid", "none"), ("relu", "none"),
               ("softmax", "head"), ("softmax", "elementwise")]
 LIMITS = {"softmax1": 1.3, "sink": 1.3, "sigmoid": 3.0, "relu": 3.0}  # the issue's bars (sigmoid, relu: seq 1024)
-
-
-def resident_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-@functools.cache
-def fixed_mmap_threshold() -> None:
-    """glibc serves large blocks with mmap and returns them on free, but after the first such free it raises
-    its threshold and keeps freed blocks resident: the peak resident set would then miss what a step
-    allocates. A fixed threshold (128 KiB) keeps every large tensor a mapping of its own."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: the heap's freed top goes back too
-
-
-def peak_mb(step, device: str) -> float:
-    """Memory one step needs above what is allocated before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    fixed_mmap_threshold()
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident set (VmHWM) to the current one
-    base = resident_kb("VmRSS")
-    step()
-    return (resident_kb("VmHWM") - base) / 2**10
 
 
 def bench_scores(args) -> list[dict]:
@@ -155,13 +103,13 @@ def bench_scores(args) -> list[dict]:
         x = torch.randn(batch, seq, d, device=args.device, dtype=args.dtype, requires_grad=True)
         rope = rope_tables(args.head_dim // 2, seq, dtype=args.dtype, device=args.device)
         steps = {k: step_fn(m, x, rope) for k, m in mods.items()}
-        med = median_times(steps, mods, x, args)
+        med = timed(steps, mods, x, args)
         mem = {}
         for k, step in steps.items():
             for m in mods.values():
                 m.zero_grad(set_to_none=True)
             x.grad = None
-            mem[k] = peak_mb(step, args.device)
+            mem[k] = step_peak_mb(step, args.device)
         base = ("softmax", "none")
         for (score, gate), t in med.items():
             rows.append({"variant": args.variant, "d_model": d, "heads": heads, "seq": seq, "batch": batch,
@@ -197,10 +145,7 @@ def plot_scores(rows: list[dict], path: Path) -> None:
 
 def report_scores(rows: list[dict], args) -> None:
     out = f"{args.out}_scores"
-    with open(f"{out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, f"{out}.csv")
     plot_scores(rows, Path(f"{out}.png"))
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     print(f"\n{args.device} {str(args.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads, "
@@ -284,11 +229,7 @@ def main() -> None:
         rows += bench_point(d, d // args.head_dim, seq, int(args.q_latent * d), int(args.kv_latent * d),
                             o_lats, args)
 
-    cols = list(rows[0])
-    with open(f"{args.out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, f"{args.out}.csv")
     plot(rows, Path(f"{args.out}.png"))
 
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -18,7 +18,6 @@ step. Writes <out>.csv and <out>.png.
 """
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -28,19 +27,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.bench import median_times, write_csv
 from ethos.models.attention import MHA
 from ethos.models.config import ModelConfig
 from ethos.models.encoder import Encoder
 from ethos.models.ffn import MLP, SwiGLU
 from ethos.models.vit import ViT
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_step(model, loss_fn, device):
@@ -100,18 +94,7 @@ def vit_pair(args):
 def time_pair(name, steps, args) -> dict[str, float]:
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
     with autocast:
-        for _ in range(args.warmup):
-            for s in steps.values():
-                s()
-        times = {k: [] for k in steps}
-        for _ in tqdm(range(args.repeats), desc=name, leave=False):
-            for k, s in steps.items():
-                sync(args.device)
-                t0 = time.perf_counter()
-                s()
-                sync(args.device)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+        return median_times(steps, args.device, args.warmup, args.repeats, desc=name)
 
 
 def time_loader(loader, n: int) -> float:
@@ -179,12 +162,7 @@ def main() -> None:
               f"{r['data_ms']:8.1f} {r['data_pct']:6.1f}%  {r['reference']}")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["device"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "device": args.device})
+    write_csv([{**r, "device": args.device} for r in rows], out.with_suffix(".csv"))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,7 +18,6 @@ document.
 """
 
 import argparse
-import csv
 import random
 import shutil
 import statistics
@@ -36,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.bench import write_csv
 from ethos.data.hub import TextFilesDataModule
 from ethos.data.sampling import StepBatchSampler
 from ethos.data.text import TextDataModule, train_tokenizer
@@ -272,10 +272,7 @@ def main():
                       f"{r['old_ms']:.1f}", f"{r['old_vs_first']:.1f}", f"{r['old_over_new']:.0f}",
                       f"{r['new_sampler_us']:.1f}", f"{r['old_sampler_ms']:.1f}")
     Console(width=160).print(table)
-    with open(out / "bench_data.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out / "bench_data.csv")
 
     resume = None
     if not args.skip_stream:
@@ -287,10 +284,7 @@ def main():
         t.add_row(f"{resume['straight_s']:.1f}", f"{resume['resume_s']:.2f}", f"{resume['replay_s']:.1f}",
                   "yes" if resume["first_batch_equal"] else "NO")
         Console(width=160).print(t)
-        with open(out / "bench_data_resume.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(resume))
-            w.writeheader()
-            w.writerow(resume)
+        write_csv([resume], out / "bench_data_resume.csv")
     _plot(rows, resume, out / "bench_data.png")
     print(f"wrote {out / 'bench_data.csv'}" + (f", {out / 'bench_data_resume.csv'}" if resume else "")
           + f" and {out / 'bench_data.png'}")

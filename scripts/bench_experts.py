@@ -9,23 +9,21 @@ given the same engineering).
     python scripts/bench_experts.py --device cuda
     python scripts/bench_experts.py --configs small --repeats 5 --out bench_results
 
-Peak memory: CUDA max_memory_allocated; on CPU the rise of the process peak RSS (VmHWM, reset
-through /proc/self/clear_refs, after malloc_trim) over the resident size before the step, so it
-includes allocator effects; "-" where that is not available (non-Linux / non-glibc).
+Peak memory (ethos.bench.step_peak_mb): CUDA max_memory_allocated; on CPU the rise of the process peak RSS
+(VmHWM, reset through /proc/self/clear_refs) over the resident size before the step, with every large tensor
+a mapping of its own (a fixed glibc mmap threshold, set before the first tensor), so it includes allocator
+effects; "-" where that is not available (not Linux).
 """
 
 import argparse
-import csv
-import ctypes
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.bench import fixed_mmap_threshold, median_times, step_peak_mb, write_csv
 from ethos.models.moe import PEER, LatentExperts
 
 CONFIGS = {
@@ -50,33 +48,6 @@ def flops_per_token(kind: str, c: dict, tokens: int) -> float:
     return router + 4 * d * dh + sel * 4 * dh + generate
 
 
-def _rss_kb(field: str) -> int | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return None
-
-
-def peak_mb(step, device: torch.device) -> float | None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        # return freed heap pages first, so the baseline RSS is live memory only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _rss_kb("VmRSS")
-        step()
-        return (_rss_kb("VmHWM") - base) / 1024
-    except (OSError, AttributeError):
-        step()
-        return None
-
-
 def make_step(module, impl, x, grad):
     def step():
         module.impl = impl
@@ -84,28 +55,6 @@ def make_step(module, impl, x, grad):
         module.zero_grad(set_to_none=True)
         module(x).backward(grad)
     return step
-
-
-def time_interleaved(steps: dict, device, warmup: int, repeats: int, bar) -> dict:
-    """Median wall time (ms) per step; repeats are interleaved across steps so that background
-    load drifts hit every implementation alike."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-            bar.update()
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main():
@@ -122,6 +71,8 @@ def main():
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if device.type == "cpu":
+        fixed_mmap_threshold()  # before the first tensor (its docstring)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -134,8 +85,7 @@ def main():
         ["peer", "peer-torch"]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     rows = []
-    bar = tqdm(total=len(configs) * len(impls) * (args.repeats + 1), desc="bench", unit="step")
-    for name in configs:
+    for name in tqdm(configs, desc="bench", unit="config"):
         c = CONFIGS[name]
         torch.manual_seed(0)
         x = torch.randn(1, args.tokens, c["d_model"], device=device, requires_grad=True)
@@ -149,15 +99,12 @@ def main():
             kind = impl.split("-")[1] if impl.startswith("ethos") else ("naive" if impl == "peer" else "torch")
             steps[impl] = make_step(module, kind, x, grad)
             n_params[impl] = sum(p.numel() for p in module.parameters())
-        bar.set_postfix_str(name)
-        ms = time_interleaved(steps, device, args.warmup, args.repeats, bar)
+        ms = {k: 1e3 * t for k, t in median_times(steps, device, args.warmup, args.repeats, desc=name).items()}
         for impl in impls:
-            mb = peak_mb(steps[impl], device)
-            bar.update()
+            mb = step_peak_mb(steps[impl], device)
             flops = flops_per_token("naive" if impl == "ethos-naive" else impl, c, args.tokens)
             rows.append({"config": name, "impl": impl, "ms": ms[impl], "peak_mb": mb,
                          "params_m": n_params[impl] / 1e6, "mflop_per_token": flops / 1e6})
-    bar.close()
 
     table = Table(title=f"expert layers, fwd+bwd, {args.tokens} tokens, {device.type}, "
                         f"{torch.get_num_threads()} threads, median of {args.repeats}")
@@ -174,11 +121,7 @@ def main():
     Console(width=140).print(table)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_experts.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out / "bench_experts.csv")
     _plot(rows, configs, impls, out / "bench_experts.png")
     print(f"wrote {out / 'bench_experts.csv'} and {out / 'bench_experts.png'}")
 

@@ -14,17 +14,15 @@ smallest N that keeps it under --budget (2%). Writes <out>.csv (one row per vari
 """
 
 import argparse
-import csv
 import math
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.bench import median_times, write_csv
 from ethos.callbacks.ranks import measure
 from ethos.models.attention import MHA, MLA, MLAO
 from ethos.models.config import ModelConfig
@@ -36,11 +34,6 @@ VARIANTS = {  # conf/model/{mha,mla,mla_o}.yaml
     "mla": (partial(MLA, q_latent=64, kv_latent=32), 16),
     "mla_o": (partial(MLAO, q_latent=64, kv_latent=32, o_latent=64), 16),
 }
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def build(variant: str, args):
@@ -64,14 +57,6 @@ def build(variant: str, args):
         loss.backward()
         opt.step()
     return model, step
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -99,18 +84,10 @@ def main() -> None:
     for variant in args.variants.split(","):
         model, step = build(variant, args)
         calls = {str(dt).removeprefix("torch."): partial(measure, model, dtype=dt) for dt in dtypes}
-        for _ in range(args.warmup):
-            step()
-            for call in calls.values():
-                call()
-        times = {"step": [], **{k: [] for k in calls}}
-        for _ in range(args.repeats):  # round-robin
-            times["step"].append(timed(step, args.device))
-            for k, call in calls.items():
-                times[k].append(timed(call, args.device))
-        step_s = statistics.median(times["step"])
+        med = median_times({"step": step, **calls}, args.device, args.warmup, args.repeats, desc=variant)
+        step_s = med["step"]
         for k in calls:
-            cb_s = statistics.median(times[k])
+            cb_s = med[k]
             rows.append({"variant": variant, "dtype": k, "device": args.device, "step_ms": step_s * 1e3,
                          "callback_ms": cb_s * 1e3, "every_n": args.every,
                          "overhead_pct": 100 * cb_s / (args.every * step_s),
@@ -125,11 +102,7 @@ def main() -> None:
               f"{r['overhead_pct']:15.3f}% {r['min_n_under_budget']:16d}")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out.with_suffix(".csv"))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,9 +23,7 @@ difference between the two spectra; writes <out>.csv and <out>.png.
 """
 
 import argparse
-import csv
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,29 +33,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ethos.bench import reset_peak_resident, resident_kb, write_csv
 
 REAL = {"d": 7168, "heads": 128, "q_latent": 1536, "kv_latent": 512, "d_nope": 128, "d_rope": 64, "d_v": 128}
 LAYERS = 61  # DeepSeek-V3
 
 
 def rss_mb() -> float:
-    """Resident set now; resets the peak (Linux: VmHWM), so that peak_mb() is the peak from here on and not
-    one reached while importing."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    """Resident set now; resets the peak, so that peak_mb() is the peak from here on and not one reached while
+    importing."""
+    reset_peak_resident()
+    return resident_kb("VmRSS") / 1024
 
 
 def peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
-    except (OSError, IndexError):  # not Linux: the lifetime peak (an upper bound)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resident_kb("VmHWM") / 1024
 
 
 def write_layer(root: Path, shape: dict) -> int:
@@ -219,11 +209,7 @@ def main() -> None:
               f"(< 3x: {'met' if rss_ok else 'NOT met'}), speedup {tool['speedup_vs_reference']:.1f}x "
               f"(>= 5x: {'met' if speed_ok else 'NOT met'})")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows([{**r, "shape": json.dumps(r["shape"])} for r in rows])
+    write_csv([{**r, "shape": json.dumps(r["shape"])} for r in rows], out.with_suffix(".csv"))
     plot(rows, out.with_suffix(".png"))
     print(f"-> {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
 

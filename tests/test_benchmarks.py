@@ -96,3 +96,28 @@ def test_bench_spectra_agrees_with_its_dense_reference(tmp_path, dtype):
     assert float(tool["max_rel_diff_vs_reference"]) < (1e-6 if dtype == "float64" else 1e-4)
     positive([tool], "rss_growth_mb", "speedup_vs_reference", "s_per_layer")
     assert "targets" in out and (tmp_path / "spectra.png").stat().st_size > 0
+
+
+def test_median_times_round_robin():
+    """Warm-up rounds of every step, then one of each per repeat in turn, `before` ahead of each timed one."""
+    from ethos.bench import median_times
+
+    calls = []
+    steps = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    med = median_times(steps, "cpu", warmup=1, repeats=3, before=lambda: calls.append("-"))
+    assert calls == ["a", "b"] + ["-", "a", "-", "b"] * 3
+    assert set(med) == {"a", "b"} and all(t >= 0 for t in med.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak is read from /proc")
+def test_step_peak_memory_sees_what_a_step_allocates():
+    import torch
+
+    from ethos.bench import step_peak_mb
+
+    def step():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched, freed when the step returns
+        return float(x[-1])
+
+    assert 60 < step_peak_mb(step, "cpu") < 80
+    assert step_peak_mb(lambda: None, "cpu") < 4
