@@ -4,7 +4,6 @@ one process and prints ratios (README "Benchmarks")."""
 
 import csv
 import ctypes
-import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -59,17 +58,14 @@ def reset_peak_resident() -> None:
         pass
 
 
-@functools.cache
-def fixed_mmap_threshold() -> None:
-    """glibc serves large blocks with mmap and returns them on free, but after the first such free it raises its
-    threshold and keeps freed blocks resident: the peak resident set would then miss what a step allocates. A
-    fixed threshold (128 KiB) keeps every large tensor a mapping of its own. Call it before the first tensor."""
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc), so that a step's peak resident set counts every page it
+    touches: a freed block glibc kept resident would be reused unseen. The allocator's thresholds are left as
+    they are, so that steps are timed as a training process runs them."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: the heap's freed top goes back too
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def step_peak_mb(step: Callable[[], object], device: str | torch.device) -> float | None:
@@ -82,7 +78,7 @@ def step_peak_mb(step: Callable[[], object], device: str | torch.device) -> floa
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    fixed_mmap_threshold()
+    trim_heap()
     reset_peak_resident()
     base = resident_kb("VmRSS")
     step()

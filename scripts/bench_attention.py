@@ -15,8 +15,9 @@ Writes <out>.csv and <out>.png.
 
 --scores: one layer (`--variant`, the first `--d-model`) per score function of ethos/models/scores.py
 (and softmax with each gate), timed round-robin as above on the path training takes on the device; peak
-memory of one fwd+bwd step above what was allocated before it (CUDA: the allocator's peak; CPU: the peak
-resident set, reset through /proc/self/clear_refs, so Linux only). Writes <out>_scores.csv / .png.
+memory of one fwd+bwd step above what was allocated before it (ethos.bench.step_peak_mb; CUDA: the
+allocator's peak; CPU: the peak resident set, reset through /proc/self/clear_refs, so Linux only).
+Writes <out>_scores.csv / .png.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ethos.bench import fixed_mmap_threshold, median_times, step_peak_mb, write_csv
+from ethos.bench import median_times, step_peak_mb, write_csv
 from ethos.models.attention import MHA, MLA, MLAO
 from ethos.models.rope import rope_tables
 
@@ -84,8 +85,6 @@ LIMITS = {"softmax1": 1.3, "sink": 1.3, "sigmoid": 3.0, "relu": 3.0}  # the issu
 
 
 def bench_scores(args) -> list[dict]:
-    if args.device != "cuda":
-        fixed_mmap_threshold()  # before the first tensor: see its docstring
     d = args.d_model[0]
     heads = d // args.head_dim
     common = {"d_model": d, "n_heads": heads, "head_dim": args.head_dim, "rope_dims": args.head_dim // 2}

@@ -10,9 +10,8 @@ given the same engineering).
     python scripts/bench_experts.py --configs small --repeats 5 --out bench_results
 
 Peak memory (ethos.bench.step_peak_mb): CUDA max_memory_allocated; on CPU the rise of the process peak RSS
-(VmHWM, reset through /proc/self/clear_refs) over the resident size before the step, with every large tensor
-a mapping of its own (a fixed glibc mmap threshold, set before the first tensor), so it includes allocator
-effects; "-" where that is not available (not Linux).
+(VmHWM, reset through /proc/self/clear_refs, after malloc_trim) over the resident size before the step, so it
+includes allocator effects; "-" where that is not available (not Linux).
 """
 
 import argparse
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ethos.bench import fixed_mmap_threshold, median_times, step_peak_mb, write_csv
+from ethos.bench import median_times, step_peak_mb, write_csv
 from ethos.models.moe import PEER, LatentExperts
 
 CONFIGS = {
@@ -71,8 +70,6 @@ def main():
     args = ap.parse_args()
 
     device = torch.device(args.device)
-    if device.type == "cpu":
-        fixed_mmap_threshold()  # before the first tensor (its docstring)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
