@@ -11,9 +11,9 @@ its config.json and index into a temp dir. Then, each in its own subprocess so t
 - reference: dense dequantisation of every tensor, then torch.linalg.svdvals of every full matrix, head by head:
              W_O_h, stacked W_O, W_qa, W_kva, W_kr, and the materialised fused W_QK_h (r_q x r_kv) and W_VO_h
              (r_kv x d); in float64 and in float32.
-Each tool variant is timed against the reference of its own precision (the speedup of a float64 tool over a
-float32 reference is printed too: the float64 tool spends half its time on the 7168 x 7168 eigensolve of the
-stacked W_O, which a float32 reference does at half the cost).
+Each tool variant is timed against the reference of its own precision. The speedup of the float64 tool over the
+float32 reference is printed too: on a CPU float64 costs about twice float32, in the tool's Gram matrices and
+eigensolves (the stacked W_O's 7168 x 7168 ones are most of its time) as in the reference's SVDs.
 Each reports its RSS after imports and its peak RSS from then on (the peak is reset there: /proc/self/clear_refs,
 VmHWM), so "growth" is what the analysis itself holds.
 Targets (issue 11): growth < 3x the layer's bf16 attention weights; tool >= 5x faster than the reference (each
@@ -43,11 +43,16 @@ def rss_mb() -> float:
     """Resident set now; resets the peak, so that peak_mb() is the peak from here on and not one reached while
     importing."""
     reset_peak_resident()
-    return resident_kb("VmRSS") / 1024
+    return (resident_kb("VmRSS") or 0) / 1024
 
 
 def peak_mb() -> float:
-    return resident_kb("VmHWM") / 1024
+    kb = resident_kb("VmHWM")
+    if kb is None:  # not Linux: the lifetime peak, an upper bound (and rss_mb() reads 0)
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return kb / 1024
 
 
 def write_layer(root: Path, shape: dict) -> int:
