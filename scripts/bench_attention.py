@@ -50,13 +50,15 @@ def build(d: int, heads: int, seq: int, q_lat: int, kv_lat: int, o_lats: list[in
             for k, (cls, kw) in specs.items()}
 
 
+def clear_grads(mods: dict, x: torch.Tensor) -> None:
+    for m in mods.values():
+        m.zero_grad(set_to_none=True)
+    x.grad = None
+
+
 def timed(steps: dict, mods: dict, x: torch.Tensor, args) -> dict:
     """Median seconds of each step (ethos.bench.median_times), gradients cleared before each."""
-    def clear():
-        for m in mods.values():
-            m.zero_grad(set_to_none=True)
-        x.grad = None
-    return median_times(steps, args.device, args.warmup, args.repeats, before=clear)
+    return median_times(steps, args.device, args.warmup, args.repeats, before=lambda: clear_grads(mods, x))
 
 
 def bench_point(d, heads, seq, q_lat, kv_lat, o_lats, args) -> list[dict]:
@@ -105,9 +107,7 @@ def bench_scores(args) -> list[dict]:
         med = timed(steps, mods, x, args)
         mem = {}
         for k, step in steps.items():
-            for m in mods.values():
-                m.zero_grad(set_to_none=True)
-            x.grad = None
+            clear_grads(mods, x)
             mem[k] = step_peak_mb(step, args.device)
         base = ("softmax", "none")
         for (score, gate), t in med.items():
