@@ -362,10 +362,15 @@ def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32,
     return HFSource(name, config, reader)
 
 
+def sharded(x: Tensor) -> bool:
+    """A parameter sharded between ranks (FSDP2's DTensor)."""
+    return hasattr(x, "full_tensor")
+
+
 def whole(x: Tensor) -> Tensor:
-    """A parameter whole: a sharded one (FSDP2's DTensor) is gathered from every rank, a collective that all ranks
-    must call in the same order."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
+    """A parameter whole: a sharded one is gathered from every rank, a collective that all ranks must call in the
+    same order."""
+    return x.full_tensor() if sharded(x) else x
 
 
 class EthosSource:

@@ -63,7 +63,9 @@ class AttentionRanks(L.Callback):
                            "python -m ethos.analysis.spectra)")
             self._skip = True
             return
-        gathered = any(hasattr(p, "full_tensor") for p in pl_module.parameters())  # FSDP2: every rank reads
+        from ethos.analysis.checkpoints import sharded
+
+        gathered = any(sharded(p) for p in pl_module.parameters())  # FSDP2: every rank reads
         if not (trainer.is_global_zero or gathered):
             return
         metrics = measure(pl_module.model, self.taus, self.dtype, here=trainer.is_global_zero)
