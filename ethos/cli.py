@@ -13,10 +13,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ethos.config import register_resolvers, run_dir_name, validate
+from ethos.config import CONF_DIR, register_resolvers, run_dir_name, validate
 from ethos.errors import ConfigError
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("ethos")
 
 
@@ -278,7 +277,7 @@ def finish_wandb() -> None:
             log.warning(f"W&B did not finish cleanly: {e!r}")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

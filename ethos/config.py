@@ -7,12 +7,16 @@ import json
 import re
 import types
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ethos.errors import ConfigError
 from ethos.types import Gt, Le, NonNegativeFloat, NonNegativeInt, PositiveInt
+
+# The configs ship inside the package (package data), so an installed `ethos-train` finds them from any directory
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def run_dir_name(run_name: str | None, override_dirname: str) -> str:
@@ -56,7 +60,7 @@ def register_resolvers() -> None:
 
 GROUPS = ("model", "data", "task", "optim", "trainer", "logger", "callbacks")
 
-# The run-level keys of conf/train.yaml (everything else at the top level is a config group)
+# The run-level keys of ethos/conf/train.yaml (everything else at the top level is a config group)
 RUN_KEYS = {
     "task_name": str, "run_name": str | None, "seed": NonNegativeInt, "resume": Literal["auto", "never"],
     "ckpt_path": str | None, "validate_first": bool, "print_config": bool,

@@ -1,4 +1,4 @@
-"""Logger factories used from conf/logger/*.yaml."""
+"""Logger factories used from ethos/conf/logger/*.yaml."""
 
 import csv
 import logging

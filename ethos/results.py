@@ -244,7 +244,7 @@ def write_results(root: Path, group: str | None = None, use_wandb: bool | None =
 
 
 class WriteResults(Callback):
-    """Hydra callback (conf/hydra/default.yaml): the table of a multirun's own runs when it ends."""
+    """Hydra callback (ethos/conf/hydra/default.yaml): the table of a multirun's own runs when it ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         import logging

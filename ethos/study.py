@@ -2,7 +2,7 @@
 whole study (variants x seeds, each judged downstream) and one results table gathers it.
 
 The fine-tune config is the pretraining run's with the task, data and `pretrained` swapped and the protocol's
-overrides (conf/finetune_after/*.yaml) applied: model, trainer, logger and paths stay the run's own, so it runs
+overrides (ethos/conf/finetune_after/*.yaml) applied: model, trainer, logger and paths stay the run's own, so it runs
 where the pretraining ran (the same SLURM array job) and resumes the same way after a requeue.
 """
 
@@ -16,12 +16,12 @@ CAUSAL = "ethos.tasks.clm.CausalLM"
 
 
 def group_nodes(overrides: list[str]) -> DictConfig:
-    """The task and data nodes of conf/ for these group choices, as Hydra composes them (inside the running app,
+    """The task and data nodes of ethos/conf/ for these group choices, as Hydra composes them (inside the running app,
     or on their own in a script or test)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ethos.cli import CONF_DIR
+    from ethos.config import CONF_DIR
 
     if GlobalHydra.instance().is_initialized():
         return compose("train", overrides=overrides)

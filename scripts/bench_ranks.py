@@ -29,7 +29,7 @@ from ethos.models.config import ModelConfig
 from ethos.models.encoder import Encoder
 from ethos.models.ffn import SwiGLU
 
-VARIANTS = {  # conf/model/{mha,mla,mla_o}.yaml
+VARIANTS = {  # ethos/conf/model/{mha,mla,mla_o}.yaml
     "mha": (partial(MHA), 32),
     "mla": (partial(MLA, q_latent=64, kv_latent=32), 16),
     "mla_o": (partial(MLAO, q_latent=64, kv_latent=32, o_latent=64), 16),

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from ethos.config import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -28,7 +30,7 @@ def compose(overrides: list[str], output_dir: Path | None = None, config_name: s
 
     register_resolvers()
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else ["paths.output_dir=/nonexistent"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name, overrides=overrides + extra)
 
 

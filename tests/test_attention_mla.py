@@ -242,13 +242,12 @@ def test_reference_experiment_param_counts(variant):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ethos.cli import CONF_DIR
-    from ethos.config import register_resolvers
+    from ethos.config import CONF_DIR, register_resolvers
     from ethos.models.blocks import count_params
     from ethos.models.encoder import Encoder
 
     register_resolvers()
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment=subspace_encoder_{variant}"])
     with torch.device("meta"):
         enc = Encoder(instantiate(cfg.model, _convert_="object"), vocab_size=30522)

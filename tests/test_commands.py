@@ -1,7 +1,7 @@
 """Every documented command composes and dry-builds; every debug option composes with every data option.
 
 Commands are read from where users read them: README.md, sweeps/ (Markdown and W&B sweep files),
-docker/README.md and the comments of conf/. Each is composed the way `python train.py ... --cfg job`
+docker/README.md and the comments of ethos/conf/. Each is composed the way `python train.py ... --cfg job`
 would compose it (multirun sweeps expanded into their jobs), then checked like a real run is before
 any data is read: types and keys of every group, rules across groups, a dry build of the model on the
 meta device and the data module's constructor.
@@ -17,7 +17,7 @@ import yaml
 
 from conftest import ROOT
 from ethos.cli import check
-from ethos.config import instantiate, register_resolvers
+from ethos.config import CONF_DIR, instantiate, register_resolvers
 from ethos.errors import ConfigError
 
 FLAGS = {"-m", "--multirun", "--cfg", "job", "hydra", "all", "--resolve"}
@@ -55,7 +55,7 @@ def parse(rest: str) -> tuple[list[str], bool]:
 
 def documented() -> list[tuple[str, list[str], bool, str | None]]:
     files = [ROOT / "README.md", ROOT / "docker" / "README.md", *sorted((ROOT / "sweeps").glob("*.md")),
-             *sorted((ROOT / "conf").rglob("*.yaml"))]
+             *sorted(CONF_DIR.rglob("*.yaml"))]
     out = []
     for f in files:
         for rest, error in command_lines(f):
@@ -97,7 +97,7 @@ def compose_checked(overrides: list[str], tmp_path: Path):
     from hydra import compose, initialize_config_dir
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"paths.output_dir={tmp_path}"], return_hydra_config=True)
     model_cfg, _ = check(cfg)
     data = instantiate(cfg.data)  # constructor only: checks arguments, reads nothing
@@ -110,7 +110,7 @@ COMMANDS = documented() + wandb_sweeps()
 def test_commands_are_found():
     where = {c[0].split(":")[0] for c in COMMANDS}
     assert "README.md" in where and any(w.startswith("sweeps/") for w in where)
-    assert any(w.startswith("conf/experiment/") for w in where)
+    assert any(w.startswith("ethos/conf/experiment/") for w in where)
     assert len(COMMANDS) >= 20, len(COMMANDS)
 
 
@@ -130,7 +130,7 @@ def test_documented_command_composes_and_builds(where, args, multirun, error, tm
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("debug", options("debug"))

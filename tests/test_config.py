@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose, run_cli
+from conftest import compose, run_cli
 from ethos.cli import build_model_config, check, find_resume_ckpt
-from ethos.config import instantiate, run_dir_name
+from ethos.config import CONF_DIR, instantiate, run_dir_name
 from ethos.errors import ConfigError
 
 GROUPS = ["model", "model/attn", "model/ffn", "data", "task", "optim", "trainer", "logger", "callbacks", "experiment",
@@ -20,7 +20,7 @@ NEEDS = {  # what an option cannot run without: its data, or keys that have no s
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, compose
+from conftest import compose
 from ethos.cli import check
+from ethos.config import CONF_DIR
 from ethos.tasks.base import LRSchedule, OptimConfig, schedule
 from ethos.tasks.registry import task_for
 
@@ -36,7 +37,7 @@ DECAY = [
     r"^model\.head\.weight$",                      # classifier
 ]
 
-MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 BACKBONES = {"encoder": [], "decoder": ["task=clm"], "vit": ["data=shapes"]}
 EXTRA = {"mlp-ffn": ["model/ffn=mlp"], "learned-pos": ["model.learned_pos=true"],
          "dense-layers": ["model.num_dense_layers=1"], "layernorm": ["model.norm=layernorm"],

@@ -1,7 +1,7 @@
 """Effective rank of each layer's attention matrices while the model trains, so rank can be watched as it forms
 (README "Watching rank form during training"; the offline tool is `python -m ethos.analysis.spectra`).
 
-Every `every_n_steps` optimizer steps (0, the default in conf/callbacks/default.yaml: off) it reads the live
+Every `every_n_steps` optimizer steps (0, the default in ethos/conf/callbacks/default.yaml: off) it reads the live
 model's attention weights layer by layer (ethos.analysis.checkpoints.EthosSource: norm gains folded) and measures
 them with the analysis' own `layer_spectra` and `effective_rank` (DESIGN.md §4), in `dtype` on a CPU copy of
 each layer, under no_grad. Logged per layer i, for each tau of `taus`:

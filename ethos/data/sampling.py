@@ -100,7 +100,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int, int]]]):
     """Global micro-batch b: positions of pass p = b // per_pass, through that pass's bijection.
 
     Yields keys (b, position in the global batch, sample index). Lightning must not wrap it in a
-    DistributedSampler (`use_distributed_sampler: false` in conf/trainer/default.yaml): it splits
+    DistributedSampler (`use_distributed_sampler: false` in ethos/conf/trainer/default.yaml): it splits
     the global batch between ranks itself, from the rank and world size given.
     """
 

@@ -1,4 +1,4 @@
-"""`task=` (conf/task/) chooses the LightningModule, and through it the backbone; without it the data's modality
+"""`task=` (ethos/conf/task/) chooses the LightningModule, and through it the backbone; without it the data's modality
 chooses (text: masked LM, images: classification, labelled text: fine-tuning). `model=` only chooses the blocks.
 
 Each task class: the modality of the data it trains on, its backbone and the placeholder sizes for the dry
