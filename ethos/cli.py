@@ -13,8 +13,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ethos.config import CONF_DIR, register_resolvers, run_dir_name, validate
+from ethos.config import CONF_DIR, register_resolvers, validate
 from ethos.errors import ConfigError
+from ethos.rundir import (
+    checkpoint_path,
+    find_resume_ckpt,
+    read_status,
+    run_dir_name,
+    set_aside_previous_run,
+    write_status,
+)
 
 log = logging.getLogger("ethos")
 
@@ -31,43 +39,11 @@ def print_config(cfg: DictConfig) -> None:
     Console().print(tree)
 
 
-def find_resume_ckpt(cfg: DictConfig, out_dir: Path) -> str | None:
-    if cfg.ckpt_path:
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-        return str(path)
-    last = out_dir / "checkpoints" / "last.ckpt"
-    if cfg.resume == "auto" and last.is_file():
-        return str(last)
-    return None
-
-
 def weights_only(path: str) -> bool:
     """A checkpoint without training state (optimizer, loops): written by ethos.analysis.retrofit, not a resume."""
-    import torch
+    from ethos import checkpoint
 
-    return "optimizer_states" not in torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-
-
-RUN_STATE = ("checkpoints", "csv", "wandb", "wandb_id.txt", "status.json")  # what a fresh run must not continue
-
-
-def set_aside_previous_run(out_dir: Path) -> None:
-    """resume=never in a used run dir: a fresh run, with its own logs and W&B run. The previous run's
-    checkpoints and logs are moved to <run dir>/previous/<time>/, not deleted."""
-    import time
-
-    from lightning.pytorch.utilities import rank_zero_only
-
-    found = [out_dir / name for name in RUN_STATE if (out_dir / name).exists()]
-    if not found or rank_zero_only.rank != 0:  # one mover: srun starts every rank of the job at once
-        return
-    dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in found:
-        path.rename(dest / path.name)
-    log.warning(f"resume=never: the previous run's {', '.join(p.name for p in found)} moved to {dest}")
+    return "optimizer_states" not in checkpoint.load(path, key="ckpt_path", mmap=True)
 
 
 def build_model_config(cfg: DictConfig):
@@ -168,7 +144,6 @@ def train(cfg: DictConfig) -> float | None:
     pretraining's final val/loss (what a sweeper optimises)."""
     metric = fit(cfg)
     if cfg.get("finetune_after"):
-        from ethos.results import write_status
         from ethos.study import finetune_config
 
         ft = finetune_config(cfg, Path(cfg.paths.output_dir))
@@ -182,7 +157,6 @@ def train(cfg: DictConfig) -> float | None:
 
 def fit(cfg: DictConfig) -> float | None:
     from ethos.config import instantiate
-    from ethos.results import write_status
 
     model_cfg, optim = check(cfg)
     if cfg.get("finetune_after"):  # the fine-tune's config is checked now, not after hours of pretraining
@@ -190,19 +164,19 @@ def fit(cfg: DictConfig) -> float | None:
 
         check(finetune_config(cfg, Path(cfg.paths.output_dir)))
     if cfg.get("pretrained"):  # before any data is read
-        from ethos.pretrained import checkpoint_path
-
         checkpoint_path(cfg.pretrained)
     one_line_per_message()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = find_resume_ckpt(cfg, out_dir)
+    ckpt = find_resume_ckpt(cfg.ckpt_path, cfg.resume, out_dir)
     init = None  # ckpt_path=<weights only> (e.g. an MLA-o retrofit): training starts at step 0 from those weights,
     if ckpt and cfg.ckpt_path and weights_only(ckpt):  # and once it has saved, a requeue resumes its own run
         init, last = ckpt, out_dir / "checkpoints" / "last.ckpt"
         ckpt = str(last) if cfg.resume == "auto" and last.is_file() else None
     if cfg.resume == "never" and not cfg.ckpt_path:
-        set_aside_previous_run(out_dir)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        set_aside_previous_run(out_dir, rank_zero_only.rank)
     write_status(out_dir, "running")
 
     import lightning as L
@@ -285,18 +259,15 @@ def _main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(cfg.paths.output_dir)
 
-    def write_status(run_dir: Path, status: str, **kw) -> None:
-        from ethos.results import read_status
-        from ethos.results import write_status as write
-
+    def mark(run_dir: Path, status: str, **kw) -> None:
         if read_status(run_dir) != "done":  # a finished pretraining whose fine-tune (finetune_after) failed stays
-            write(run_dir, status, **kw)    # done: the fine-tune's own dir says what failed
+            write_status(run_dir, status, **kw)    # done: the fine-tune's own dir says what failed
 
     try:
         return train(cfg)
     except ConfigError as e:
         if multirun:  # the sweep's table shows the job that never started
-            write_status(run_dir, "failed", error=str(e))
+            mark(run_dir, "failed", error=str(e))
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"ethos: {e.kind}: {e}", file=sys.stderr)
@@ -308,9 +279,9 @@ def _main(cfg: DictConfig) -> float | None:
 
         if RECEIVED["signum"]:  # whatever broke after a stop signal (the scheduler killing W&B's service,
             log.exception("stopped by a signal")  # submitit out of requeues): not a finished job
-            write_status(run_dir, "interrupted")
+            mark(run_dir, "interrupted")
             sys.exit(exit_status(RECEIVED["signum"]))
-        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+        mark(run_dir, "failed", error=f"{type(e).__name__}: {e}")
         if multirun:
             log.exception("job failed; the sweep goes on")
             return None

@@ -1,10 +1,8 @@
 """Hydra resolvers and config checks that run before anything heavy is imported or loaded."""
 
 import functools
-import hashlib
 import inspect
 import json
-import re
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,19 +11,11 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ethos.errors import ConfigError
+from ethos.rundir import run_dir_name, run_dir_of
 from ethos.types import Gt, Le, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 # The configs ship inside the package (package data), so an installed `ethos-train` finds them from any directory
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-
-
-def run_dir_name(run_name: str | None, override_dirname: str) -> str:
-    """Stable run directory name: explicit run_name, else the overrides, else 'default'."""
-    name = run_name or override_dirname or "default"
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", name)
-    if len(name) > 120:  # file-system limits: keep a readable head and a hash of the whole
-        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-    return name
 
 
 def default_precision() -> str:
@@ -46,8 +36,6 @@ def default_precision() -> str:
 
 def pretrained_tokenizer(pretrained: str | None) -> str | None:
     """`${pretrained_tokenizer:${pretrained}}`: the tokenizer saved beside a pretrained run, or null."""
-    from ethos.pretrained import run_dir_of
-
     return str(run_dir_of(pretrained) / "tokenizer") if pretrained else None
 
 

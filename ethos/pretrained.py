@@ -4,36 +4,19 @@ a whole task rebuilt from its self-describing checkpoint (for the analysis tools
 from pathlib import Path
 
 from ethos.errors import ConfigError
+from ethos.rundir import checkpoint_path
 
 PRETRAINING_HEADS = ("mlm_bias",)  # pretraining-only weights a fine-tune leaves behind
-
-
-def run_dir_of(pretrained: str | Path) -> Path:
-    """The run dir a `pretrained=` value names: itself, or for <run dir>/checkpoints/x.ckpt its run dir. Nothing
-    is read (the config resolver calls it; whether the checkpoint exists is `checkpoint_path`'s check)."""
-    path = Path(pretrained).expanduser()
-    return path.parent.parent if path.suffix == ".ckpt" else path
-
-
-def checkpoint_path(pretrained: str | Path) -> Path:
-    """A run dir -> its checkpoints/last.ckpt; a file -> itself."""
-    path = Path(pretrained).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise ConfigError(f"pretrained={pretrained}: no checkpoint there (a run dir with checkpoints/last.ckpt, "
-                          "or a .ckpt file)")
-    return path
 
 
 def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = ()) -> str:
     """Copy the checkpoint's `model.*` weights into `backbone`, tensor for tensor. Every backbone weight must
     come from the checkpoint with its shape, except those under the `new` prefixes (a fresh head, kept as
     initialised); only pretraining heads may be left over. Returns the checkpoint path."""
-    import torch
+    from ethos import checkpoint
 
     path = checkpoint_path(pretrained)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = checkpoint.load(path, key="pretrained")["state_dict"]
     saved = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     saved = {k: v for k, v in saved.items() if not k.startswith(new or ("\0",))}
     own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(new or ("\0",))}
@@ -61,14 +44,14 @@ def load_task(pretrained: str | Path, map_location="cpu"):
     """The task (LightningModule) a checkpoint holds, rebuilt from the checkpoint alone: its `ethos` record (task
     class, resolved model config; ethos.cli.recipe) and Lightning's `hyper_parameters`, then its weights loaded
     strictly. Returns (task in eval mode, the checkpoint dict). No Hydra config or run dir is needed."""
-    import torch
     from hydra.utils import get_class
 
+    from ethos import checkpoint
     from ethos.config import instantiate
-    from ethos.tasks.base import OptimConfig
+    from ethos.optim import OptimConfig
 
     path = checkpoint_path(pretrained)
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = checkpoint.load(path, key="pretrained", map_location=map_location)
     record = ckpt.get("ethos")
     if not record:
         raise ConfigError(f"pretrained={pretrained}: the checkpoint does not describe its model (no 'ethos' "

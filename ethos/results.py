@@ -12,32 +12,15 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-STATUS_FILE = "status.json"
+from ethos.rundir import STATUS_FILE, run_dir_of
+
 GROUP_BY_EXCLUDED = ("seed",)  # what varies within a group
 NUMERIC = ["params_total", "params_non_embedding", "params_attention", "val_loss_best", "val_loss_final",
            "train_loss_final", "downstream_acc", "tokens_per_sec", "steps"]
-
-
-def write_status(run_dir: Path, status: str, step: int | None = None, error: str | None = None) -> None:
-    """<run dir>/status.json: running, done, interrupted or failed, with the multirun it belongs to."""
-    record = {"status": status, "step": step, "error": error, "group": os.environ.get("ETHOS_GROUP"),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}"  # per process: all ranks of a job write it at once
-    tmp.write_text(json.dumps(record))
-    tmp.replace(run_dir / STATUS_FILE)
-
-
-def read_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text())["status"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -127,8 +110,6 @@ def gather(root: Path, group: str | None = None):
     varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1 and k not in GROUP_BY_EXCLUDED]
     df["group"] = [",".join(f"{k}={o[k]}" for k in varying if k in o) or "(all)" for o in overrides]
     # downstream: a fine-tune's accuracy belongs to the row of the run it started from
-    from ethos.pretrained import run_dir_of
-
     row_of = {(root / r).resolve(): i for i, r in df["run"].items()}
     df["downstream_acc"] = math.nan
     nested = []

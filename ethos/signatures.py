@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 from typing_extensions import is_typeddict  # also knows typing_extensions.TypedDict (Python < 3.12)
 
 from ethos.errors import ConfigError
+from ethos.files import atomic_write
 
 PLAIN = (int, float, str, bool, type(None), list, tuple, dict, set, Any)
 LIBRARIES = ("torch", "lightning", "datasets", "transformers", "timm", "hydra-core", "pydantic", "torchdata")
@@ -134,9 +135,7 @@ class Signatures:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(pickle.dumps((self.key, self.targets)))
-            os.replace(tmp, self.path)  # atomic: parallel jobs of a sweep may write it at once
+            atomic_write(self.path, pickle.dumps((self.key, self.targets)))  # parallel jobs of a sweep write it too
             self.dirty = False
         except OSError:  # a read-only cache dir only costs the import time next run
             pass

@@ -74,7 +74,7 @@ def test_decoder_is_causal_and_ignores_padding():
 
 
 def test_task_clm_selects_decoder(tmp_path):
-    from ethos.tasks.base import OptimConfig
+    from ethos.optim import OptimConfig
 
     cfg = compose(["task=clm", "debug=tiny"], output_dir=tmp_path)
     model_cfg = build_model_config(cfg)  # the decoder dry-builds on meta

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import compose, run_cli
-from ethos.cli import build_model_config, check, find_resume_ckpt
-from ethos.config import CONF_DIR, instantiate, run_dir_name
+from ethos.cli import build_model_config, check
+from ethos.config import CONF_DIR, instantiate
 from ethos.errors import ConfigError
+from ethos.rundir import find_resume_ckpt, run_dir_name
 
 GROUPS = ["model", "model/attn", "model/ffn", "data", "task", "optim", "trainer", "logger", "callbacks", "experiment",
           "debug"]
@@ -69,7 +70,7 @@ def test_n_heads_message_lists_valid_values(tmp_path):
 def test_missing_checkpoint_path(tmp_path):
     cfg = compose([f"ckpt_path={tmp_path / 'nope.ckpt'}"], output_dir=tmp_path)
     with pytest.raises(ConfigError, match="ckpt_path=.*no such checkpoint file"):
-        find_resume_ckpt(cfg, tmp_path)
+        find_resume_ckpt(cfg.ckpt_path, cfg.resume, tmp_path)
 
 
 # (overrides, the start of the one line printed): wrong types and out-of-range values in every group

@@ -13,7 +13,7 @@ from conftest import compose
 from ethos.cli import build_model_config, train
 from ethos.data.labels import KINDS, TextClassificationDataModule, docstring_kinds
 from ethos.errors import ConfigError
-from ethos.tasks.base import OptimConfig
+from ethos.optim import OptimConfig
 from ethos.tasks.finetune import SequenceClassifier
 
 PRE = ["debug=tiny", "logger=csv", "print_config=false"]

@@ -10,7 +10,7 @@ import torch
 from conftest import compose
 from ethos.cli import check
 from ethos.config import CONF_DIR
-from ethos.tasks.base import LRSchedule, OptimConfig, schedule
+from ethos.optim import LRSchedule, OptimConfig, schedule
 from ethos.tasks.registry import task_for
 
 # Every parameter of every model must match patterns of exactly one of the two lists: the rule, spelled

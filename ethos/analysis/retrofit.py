@@ -136,7 +136,7 @@ def mla_o_task(task, ckpt: dict, r: int, factors: list[tuple[Tensor, Tensor]]):
     from hydra.utils import get_class
 
     from ethos.config import instantiate
-    from ethos.tasks.base import OptimConfig
+    from ethos.optim import OptimConfig
 
     record = copy.deepcopy(ckpt["ethos"])
     attn = record["model"]["attn"]

@@ -12,7 +12,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from ethos.models.config import ModelConfig
 from ethos.models.vit import ViT, auto_patch_size
-from ethos.tasks.base import OptimConfig, Task
+from ethos.optim import OptimConfig
+from ethos.tasks.base import Task
 from ethos.types import HalfOpenUnit, PositiveInt
 
 

@@ -4,7 +4,7 @@ import torch
 
 from ethos.models.config import ModelConfig
 from ethos.models.decoder import Decoder
-from ethos.tasks.base import OptimConfig
+from ethos.optim import OptimConfig
 from ethos.tasks.lm import LanguageModel
 
 

@@ -18,7 +18,8 @@ from ethos.models.blocks import TextBackbone
 from ethos.models.config import ModelConfig
 from ethos.models.decoder import Decoder
 from ethos.models.encoder import Encoder
-from ethos.tasks.base import OptimConfig, Task
+from ethos.optim import OptimConfig
+from ethos.tasks.base import Task
 
 
 class SequenceClassifier(Task):

@@ -3,7 +3,8 @@
 import torch
 from torchmetrics import MeanMetric
 
-from ethos.tasks.base import OptimConfig, Task
+from ethos.optim import OptimConfig
+from ethos.tasks.base import Task
 
 
 class LanguageModel(Task):

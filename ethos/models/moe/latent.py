@@ -27,7 +27,7 @@ from ethos.types import PositiveInt
 
 class LatentExperts(nn.Module):
     custom_init = True  # Trunk leaves the init below alone
-    projections = ("w1", "w_u", "w_v")  # the generator's matrices are weight-decayed (ethos.tasks.base.decays)
+    projections = ("w1", "w_u", "w_v")  # the generator's matrices are weight-decayed (ethos.optim.decays)
 
     def __init__(self, d_model: int, num_experts: PositiveInt = 128**2, n_heads: PositiveInt = 4,
                  top_k: PositiveInt = 8, d_query: PositiveInt = 128, d_latent: PositiveInt = 64,
