@@ -9,14 +9,14 @@ from ethos.rundir import checkpoint_path
 PRETRAINING_HEADS = ("mlm_bias",)  # pretraining-only weights a fine-tune leaves behind
 
 
-def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = ()) -> str:
+def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = (), key: str = "pretrained") -> str:
     """Copy the checkpoint's `model.*` weights into `backbone`, tensor for tensor. Every backbone weight must
     come from the checkpoint with its shape, except those under the `new` prefixes (a fresh head, kept as
     initialised); only pretraining heads may be left over. Returns the checkpoint path."""
     from ethos import checkpoint
 
-    path = checkpoint_path(pretrained)
-    state = checkpoint.load(path, key="pretrained")["state_dict"]
+    path = checkpoint_path(pretrained, key)
+    state = checkpoint.load(path, key=key)["state_dict"]
     saved = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     saved = {k: v for k, v in saved.items() if not k.startswith(new or ("\0",))}
     own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(new or ("\0",))}
@@ -33,7 +33,7 @@ def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = ()) -
         if unexpected:
             parts.append(f"only in the checkpoint: {', '.join(unexpected[:4])}"
                          + (" ..." if len(unexpected) > 4 else ""))
-        raise ConfigError(f"pretrained={pretrained}: the model config does not match the pretrained run's "
+        raise ConfigError(f"{key}={pretrained}: the model config does not match the pretrained run's "
                           f"(variant or sizes): {'; '.join(parts)}")
     result = backbone.load_state_dict({k: saved[k] for k in own}, strict=False)
     assert not result.unexpected_keys and all(k.startswith(new) for k in result.missing_keys), result
@@ -42,7 +42,7 @@ def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = ()) -
 
 def load_task(pretrained: str | Path, map_location="cpu"):
     """The task (LightningModule) a checkpoint holds, rebuilt from the checkpoint alone: its `ethos` record (task
-    class, resolved model config; ethos.cli.recipe) and Lightning's `hyper_parameters`, then its weights loaded
+    class, resolved model config; ethos.fit.recipe) and Lightning's `hyper_parameters`, then its weights loaded
     strictly. Returns (task in eval mode, the checkpoint dict). No Hydra config or run dir is needed."""
     from hydra.utils import get_class
 

@@ -1,27 +1,30 @@
-"""`finetune_after=<protocol>`: a pretraining job that ends by fine-tuning what it trained, so one multirun runs a
-whole study (variants x seeds, each judged downstream) and one results table gathers it.
+"""A run, and with `finetune_after=<protocol>` the fine-tune of what it trained, in the same job: so one multirun
+runs a whole study (variants x seeds, each judged downstream) and one results table gathers it.
 
 The fine-tune config is the pretraining run's with the task, data and `pretrained` swapped and the protocol's
-overrides (ethos/conf/finetune_after/*.yaml) applied: model, trainer, logger and paths stay the run's own, so it runs
-where the pretraining ran (the same SLURM array job) and resumes the same way after a requeue.
+overrides (ethos/conf/finetune_after/*.yaml) applied: model, trainer, logger and paths stay the run's own, so it
+runs where the pretraining ran (the same SLURM array job) and resumes the same way after a requeue.
 """
 
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ethos.checks import check
+from ethos.config import CONF_DIR
 from ethos.errors import ConfigError
+from ethos.fit import fit
+from ethos.rundir import write_status
+from ethos.tasks.registry import task_target
 
 CAUSAL = "ethos.tasks.clm.CausalLM"
 
 
 def group_nodes(overrides: list[str]) -> DictConfig:
-    """The task and data nodes of ethos/conf/ for these group choices, as Hydra composes them (inside the running app,
-    or on their own in a script or test)."""
+    """The task and data nodes of ethos/conf/ for these group choices, as Hydra composes them (inside the running
+    app, or on their own in a script or test)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from ethos.config import CONF_DIR
 
     if GlobalHydra.instance().is_initialized():
         return compose("train", overrides=overrides)
@@ -31,8 +34,6 @@ def group_nodes(overrides: list[str]) -> DictConfig:
 
 def finetune_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """The config of the fine-tune that follows the pretraining run `cfg` in `run_dir`."""
-    from ethos.tasks.registry import task_target
-
     spec = cfg.finetune_after
     name = spec.name
     pretraining = task_target(cfg)
@@ -58,3 +59,21 @@ def finetune_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
         raise ConfigError(f"finetune_after.overrides={list(spec.overrides)}: {str(e).splitlines()[0]}") from None
     OmegaConf.set_struct(ft, True)
     return ft
+
+
+def train(cfg: DictConfig) -> float | None:
+    """One run; with `finetune_after`, then the fine-tune of what it trained. The fine-tune's config is checked
+    before pretraining starts, not after hours of it. Returns the pretraining's final val/loss."""
+    ft = None
+    if cfg.get("finetune_after"):
+        check(cfg)  # the pretraining's own mistakes are reported first
+        ft = finetune_config(cfg, Path(cfg.paths.output_dir))
+        check(ft)
+    metric = fit(cfg)
+    if ft is not None:
+        try:
+            train(ft)
+        except Exception as e:  # marked on the fine-tune; the pretraining run stays done (ethos/cli.py)
+            write_status(Path(ft.paths.output_dir), "failed", error=f"{type(e).__name__}: {e}")
+            raise
+    return metric

@@ -336,7 +336,7 @@ def test_decoupled_rope_dims_may_exceed_head_dim():
 
 def test_decoupled_rope_dims_through_hydra(tmp_path):
     from conftest import compose
-    from ethos.cli import build_model_config
+    from ethos.checks import build_model_config
 
     cfg = build_model_config(compose(["model=mla", "model.attn.rope_style=decoupled", "model.rope_dims=48"],
                                      output_dir=tmp_path))

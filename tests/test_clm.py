@@ -7,12 +7,13 @@ import torch
 from test_text_data import sentences
 
 from conftest import compose
-from ethos.cli import build_model_config, train
+from ethos.checks import build_model_config
 from ethos.data.text import CLMCollator
 from ethos.models.attention import MHA
 from ethos.models.config import ModelConfig
 from ethos.models.decoder import Decoder
 from ethos.models.ffn import SwiGLU
+from ethos.study import train
 from ethos.tasks.clm import CausalLM
 from ethos.tasks.registry import task_for
 

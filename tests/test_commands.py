@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from ethos.cli import check
+from ethos.checks import check
 from ethos.config import CONF_DIR, instantiate, register_resolvers
 from ethos.errors import ConfigError
 

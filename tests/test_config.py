@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import compose, run_cli
-from ethos.cli import build_model_config, check
+from ethos.checks import build_model_config, check
 from ethos.config import CONF_DIR, instantiate
 from ethos.errors import ConfigError
 from ethos.rundir import find_resume_ckpt, run_dir_name

@@ -12,9 +12,10 @@ import torch
 from datasets import Dataset
 
 from conftest import ROOT, assert_same_training_state, compose
-from ethos.cli import in_batches, train
 from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler
 from ethos.data.text import Blocks, MLMCollator, StreamBlocks, pack, train_tokenizer
+from ethos.fit import in_batches
+from ethos.study import train
 
 STEPS = 6
 # MLM masks ~15% of each row, so the ranks count different numbers of targets: the weights match only if each

@@ -4,7 +4,7 @@ import torch
 from test_train import metrics
 
 from conftest import compose
-from ethos.cli import train
+from ethos.study import train
 
 BASE = ["debug=tiny", "logger=csv", "optim.schedule=linear", "optim.warmup=2", "optim.min_lr_ratio=0.1",
         "trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "optim.lr=2e-3"]

@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 from test_train import metrics
 
 from conftest import compose
-from ethos.cli import build_model_config, train
+from ethos.checks import build_model_config
 from ethos.data.labels import KINDS, TextClassificationDataModule, docstring_kinds
 from ethos.errors import ConfigError
 from ethos.optim import OptimConfig
+from ethos.study import train
 from ethos.tasks.finetune import SequenceClassifier
 
 PRE = ["debug=tiny", "logger=csv", "print_config=false"]
@@ -157,7 +158,7 @@ def test_local_files_in_every_format_read_the_same_rows(pretrained, tmp_path, su
 
 
 def test_task_and_data_must_agree_and_the_checkpoint_exist(tmp_path):
-    from ethos.cli import check
+    from ethos.checks import check
 
     with pytest.raises(ConfigError, match="trains on text-classification data, but the data module TinyText"):
         check(compose(["task=finetune", "data=tiny"]))
@@ -264,7 +265,7 @@ def test_epochs_become_steps_and_validation_follows_each_pass(pretrained, tmp_pa
 
 
 def test_finetune_after_fails_in_one_line_before_pretraining(tmp_path):
-    from ethos.cli import check
+    from ethos.checks import check
     from ethos.study import finetune_config
 
     cfg = compose(["debug=tiny", "finetune_after=docstrings", 'finetune_after.overrides=["optim.lr=abc"]'])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import compose
-from ethos.cli import build_model_config
+from ethos.checks import build_model_config
 from ethos.kernels.latent_experts import expert_mix
 from ethos.models.attention import MHA, MLA, MLAO
 from ethos.models.decoder import Decoder
@@ -194,8 +194,8 @@ def test_short_run_logs_throughput_from_the_closed_form(cache_dir, tmp_path, cap
     from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
     from test_train import metrics
 
-    from ethos.cli import train
     from ethos.config import instantiate
+    from ethos.study import train
 
     cfg = compose(["debug=tiny", "logger=csv", "trainer.max_steps=6", "trainer.log_every_n_steps=1",
                    "callbacks.throughput.window_size=3"], output_dir=tmp_path)
@@ -225,7 +225,7 @@ def test_gpu_run_logs_mfu(cache_dir, tmp_path):
     from lightning.fabric.utilities.throughput import get_available_flops
     from test_train import metrics
 
-    from ethos.cli import train
+    from ethos.study import train
 
     cfg = compose(["debug=tiny", "logger=csv", "trainer=gpu", "trainer.max_steps=12", "trainer.log_every_n_steps=1",
                    "callbacks.throughput.window_size=3"], output_dir=tmp_path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose
-from ethos.cli import check
+from ethos.checks import check
 from ethos.config import CONF_DIR
 from ethos.optim import LRSchedule, OptimConfig, schedule
 from ethos.tasks.registry import task_for

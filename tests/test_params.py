@@ -1,7 +1,7 @@
 """Logged parameter counts: per layer and per model, against closed forms."""
 
 from conftest import compose
-from ethos.cli import build_model_config
+from ethos.checks import build_model_config
 from ethos.config import instantiate
 from ethos.models.attention import MLA
 from ethos.tasks.mlm import MaskedLM

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import compose
-from ethos.cli import check
+from ethos.checks import check
 from ethos.tasks.registry import task_target
 
 ENCODER = {"subspace_encoder_mha": ("MHA", 32), "subspace_encoder_mla": ("MLA", 16),
@@ -46,7 +46,7 @@ def test_ethos_paper_recipe(tmp_path):
 
 @pytest.mark.parametrize("experiment", ["subspace_decoder_mla", "subspace_decoder_mla_o"])
 def test_subspace_decoder_recipes(experiment, tmp_path):
-    from ethos.cli import build_model_config
+    from ethos.checks import build_model_config
     from ethos.models.decoder import Decoder
 
     cfg = compose([f"experiment={experiment}"], output_dir=tmp_path)
@@ -89,7 +89,7 @@ def test_offline_stand_in_reads_the_python_docs(tmp_path):
 
 
 def test_vit_recipe_and_its_offline_smoke_run(tmp_path):
-    from ethos.cli import train
+    from ethos.study import train
 
     cfg = compose(["experiment=subspace_vit_cifar10"], output_dir=tmp_path)
     check(cfg)

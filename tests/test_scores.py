@@ -320,7 +320,7 @@ def test_short_run_trains_and_logs_artifacts(score, cache_dir, tmp_path):
     from test_train import metrics
 
     from conftest import compose
-    from ethos.cli import train
+    from ethos.study import train
 
     gate = {"sink": "head", "sigmoid": "elementwise"}.get(score, "none")
     cfg = compose(["debug=tiny", "logger=csv", "trainer.max_steps=12", "trainer.val_check_interval=6",
@@ -345,7 +345,7 @@ def test_short_run_trains_and_logs_artifacts(score, cache_dir, tmp_path):
 # ---------------------------------------------------------------- config and backbones
 def test_config_key_reaches_every_layer_and_bad_values_fail(tmp_path):
     from conftest import compose
-    from ethos.cli import build_model_config
+    from ethos.checks import build_model_config
     from ethos.config import validate
     from ethos.models.blocks import Trunk
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_same_training_state, compose, run_cli
-from ethos.cli import train
+from ethos.study import train
 
 TINY = ["debug=tiny", "logger=csv"]
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from conftest import compose, run_cli
-from ethos.cli import build_model_config, train
+from ethos.checks import build_model_config
 from ethos.config import instantiate
 from ethos.models.moe import PEER, LatentExperts
+from ethos.study import train
 from ethos.tasks.mlm import MaskedLM
 
 SMALL = ["debug=tiny", "logger=csv", "model.ffn.num_experts=1024", "model.ffn.d_query=32"]

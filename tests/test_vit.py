@@ -107,13 +107,18 @@ def test_bad_sizes_are_config_errors():
 def test_the_task_smooths_mixed_targets_as_timm_mixup_does():
     from timm.data.mixup import mixup_target
 
-    from ethos.tasks.classify import smooth
+    from ethos.tasks.classify import classification_loss
 
     y = torch.tensor([0, 3, 1, 1, 2, 0])
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     for lam in (1.0, 0.7, 0.35):
-        want = mixup_target(y, 5, lam, smoothing=0.1)  # what Mixup(label_smoothing=0.1) gives the loss
-        got = smooth(mixup_target(y, 5, lam, smoothing=0.0), 0.1)  # the data mixes, the task smooths
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+        want = mixup_target(y, 5, lam, smoothing=0.1).double()  # what Mixup(label_smoothing=0.1) gives the loss
+        ref = -(want * torch.log_softmax(logits.double(), -1)).sum(-1).mean()  # float64 cross-entropy
+        got = classification_loss(logits, mixup_target(y, 5, lam, smoothing=0.0), 0.1)  # the data mixes
+        torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+    ref = -torch.log_softmax(logits.double(), -1)[torch.arange(6), y] * 0.9 - 0.1 * torch.log_softmax(
+        logits.double(), -1).mean(-1)
+    torch.testing.assert_close(classification_loss(logits, y, 0.1).double(), ref.mean(), rtol=1e-6, atol=1e-7)
 
 
 def test_the_patch_size_follows_the_image_size():

@@ -52,6 +52,7 @@ class GracefulStop(L.Callback):
         self.signals = [getattr(signal, name) for name in signals if hasattr(signal, name)]
         self.signum = 0  # the signal that asked us to stop; 0: none yet
         self.saved = False
+        self.last_saved_step = None  # the step of the latest checkpoint any callback wrote in this process
         self._old = {}
 
     def _handler(self, signum, frame):
@@ -90,6 +91,7 @@ class GracefulStop(L.Callback):
         # Lightning validates once more when a run stops early (it assumes EarlyStopping), and ModelCheckpoint
         # would then overwrite this last.ckpt with one saved mid-loop, from which a resume counts one batch
         # short (a logged step repeated, validation one step early). It also costs time SLURM may not give.
+        # No public hook skips that pass: this private flag is the one way, and it is optional (hasattr).
         epoch_loop = trainer.fit_loop.epoch_loop
         if hasattr(epoch_loop, "_skip_next_val"):
             epoch_loop._skip_next_val = True
@@ -114,10 +116,12 @@ class GracefulStop(L.Callback):
             self._save_and_stop(trainer, pl_module)
             raise Stopped(pl_module.interrupted)
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.last_saved_step = trainer.global_step
+
     def on_train_end(self, trainer, pl_module):
         # the run may end between ModelCheckpoint's saves: keep last.ckpt at the final step
-        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
-        if saved != trainer.global_step and not trainer.sanity_checking and not self.saved:
+        if self.last_saved_step != trainer.global_step and not trainer.sanity_checking and not self.saved:
             trainer.save_checkpoint(self.path)
         self._restore()
 

@@ -37,18 +37,21 @@ class Throughput(ThroughputMonitor):
 
     def _compute(self, trainer, iter_num: int | None = None) -> None:
         # training only: the library logs validation rates against the validation batch count, a step
-        # axis that goes backwards (W&B drops those); it still times validation to leave it out of training
-        stage = trainer.state.stage
-        if stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
+        # axis that goes backwards (W&B drops those); it still times validation to leave it out of training.
+        # Called after an optimizer step, whose metrics Lightning logs at step global_step - 1 every
+        # log_every_n_steps steps: these rates land on the same rows, through the loggers' public API.
+        stage, step = trainer.state.stage, trainer.global_step
+        every = trainer.log_every_n_steps
+        if stage != RunningStage.TRAINING or not every or (step % every and not trainer.should_stop):
             return
         metrics = self._throughputs[stage].compute()
         out = {}
         for key, name in NAMES.items():
             value = metrics.get(key, metrics.get(f"device/{key}"))  # mfu is the same for one device or all
             if value is not None:
-                out[f"perf/{name}"] = value
-        if out:
-            trainer._logger_connector.log_metrics(out, step=iter_num)
+                out[f"perf/{name}"] = float(value)
+        for logger in trainer.loggers if out else ():
+            logger.log_metrics(out, step=step - 1)
 
 
 class ModelSummary(RichModelSummary):

@@ -30,14 +30,21 @@ class Task(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.val_history = [tuple(v) for v in checkpoint.get("val_history", [])]
 
-    def adopt_backbone(self, pretrained: str | None, freeze: bool, new: tuple[str, ...] = ()) -> None:
+    def adopt_backbone(self, pretrained: str | None, freeze: bool, new: tuple[str, ...] = (),
+                       backbone_lr_scale: float = 1.0) -> None:
         """Fine-tuning: `self.model` starts from the pretrained run's weights, but for those under the `new`
-        prefixes (a fresh head); `freeze` (a linear probe) trains only those, the rest kept in eval mode."""
+        prefixes (a fresh head); `freeze` (a linear probe) trains only those, the rest kept in eval mode.
+        `backbone_lr_scale`: the pretrained weights learn at optim.lr x this, the fresh head at optim.lr. A fresh
+        head needs a large step to learn in a short fine-tune; the same step on the pretrained weights can wreck
+        them (discriminative fine-tuning, Howard & Ruder 2018)."""
+        self.pretrained_lr_scale = 1.0
         if pretrained:
-            from ethos.pretrained import load_backbone
+            from ethos.pretrained import load_backbone  # reads a checkpoint: only when fine-tuning
 
             self.pretrained_from = load_backbone(self.model, pretrained, new)
+            self.pretrained_lr_scale = backbone_lr_scale
         self.probe = freeze
+        self.fresh = new
         if freeze:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith(new) if new else False)
@@ -49,13 +56,24 @@ class Task(L.LightningModule):
             shard(self.model, self.device_mesh["data_parallel"])
 
     def param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for module in self.modules():
+        """Decayed and not decayed (ethos.optim.decays); when fine-tuning with a backbone_lr_scale other than 1,
+        each of those split again into the pretrained weights (at optim.lr x the scale) and the rest."""
+        scale = getattr(self, "pretrained_lr_scale", 1.0)
+        fresh = tuple(f"model.{p}" for p in getattr(self, "fresh", ()))
+        groups: dict[tuple[bool, bool], list] = {(True, False): [], (False, False): []}
+        for prefix, module in self.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
-                    (decay if decays(module, name) else no_decay).append(p)
-        return [{"params": decay, "weight_decay": self.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
+                    full = f"{prefix}.{name}"
+                    pretrained = scale != 1.0 and full.startswith("model.") and not (fresh and full.startswith(fresh))
+                    groups.setdefault((decays(module, name), pretrained), []).append(p)
+        out = []
+        for (decay, pretrained), params in groups.items():
+            group = {"params": params, "weight_decay": self.optim.weight_decay if decay else 0.0}
+            if pretrained:
+                group["lr"] = self.optim.lr * scale
+            out.append(group)
+        return out
 
     def configure_optimizers(self):
         o = self.optim

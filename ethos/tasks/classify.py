@@ -1,4 +1,4 @@
-"""Image classification with the ViT: cross-entropy (label smoothing, mixup soft targets), top-1/top-5.
+"""Image classification with the ViT: cross-entropy (label smoothing, mixup soft targets), top-1/top-5 accuracy.
 
 The model-side settings are this task's: patch size (null: from the image size, `auto_patch_size`), pooling
 and label smoothing. The data gives the images, their size, and mixup / cutmix (a batch transform).
@@ -9,41 +9,40 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from ethos.models.config import ModelConfig
 from ethos.models.vit import ViT, auto_patch_size
 from ethos.optim import OptimConfig
 from ethos.tasks.base import Task
-from ethos.types import HalfOpenUnit, PositiveInt
+from ethos.types import HalfOpenUnit, PositiveFloat, PositiveInt
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a distribution per row (mixup / cutmix targets from timm's Mixup)."""
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def smooth(target: torch.Tensor, eps: float) -> torch.Tensor:
-    """Label smoothing of a target distribution. Affine, so smoothing mixed one-hots equals mixing smoothed ones
-    (what timm's Mixup(label_smoothing=eps) does): the data mixes, the task smooths."""
-    return target * (1 - eps) + eps / target.shape[-1]
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against class indices, or against a distribution per row (mixup / cutmix targets from timm's
+    Mixup). Smoothing is affine, so smoothing mixed one-hots equals mixing smoothed ones (what timm's
+    Mixup(label_smoothing=eps) gives): the data mixes, the task smooths; F.cross_entropy does both."""
+    return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
 
 
 class ImageClassifier(Task):
     def __init__(self, model: ModelConfig, optim: OptimConfig, num_classes: int, img_size: int = 224,
                  patch_size: PositiveInt | None = None, in_chans: int = 3, pool: Literal["cls", "avg"] = "cls",
-                 label_smoothing: HalfOpenUnit = 0.0, pretrained: str | None = None, freeze: bool = False):
+                 label_smoothing: HalfOpenUnit = 0.0, pretrained: str | None = None, freeze: bool = False,
+                 backbone_lr_scale: PositiveFloat = 1.0):
         super().__init__(optim)
         patch_size = patch_size or auto_patch_size(img_size)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.model = ViT(model, num_classes, img_size, patch_size, in_chans, pool)
         # fine-tune (task=classify) or probe (task=probe) a pretrained ViT: a fresh head
-        self.adopt_backbone(pretrained, freeze, new=("head.",))
+        self.adopt_backbone(pretrained, freeze, new=("head.",), backbone_lr_scale=backbone_lr_scale)
         if model.compile:
             self.model.trunk.compile()
         self.label_smoothing = label_smoothing
-        self.topk = min(5, num_classes)
-        # sample-weighted means: the epoch value is the per-image loss/accuracy over the whole split
-        self.val_loss, self.val_acc, self.val_acc5 = MeanMetric(), MeanMetric(), MeanMetric()
+        # over the whole split (micro averages): the per-image loss and accuracy
+        self.val_loss = MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.val_skipped = SumMetric()
         self.train_skipped = 0  # unreadable images replaced so far in this process (also logged)
 
@@ -59,10 +58,8 @@ class ImageClassifier(Task):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self.model(batch["image"])
-        if "target" in batch:  # mixup / cutmix soft targets
-            loss = soft_cross_entropy(logits, smooth(batch["target"], self.label_smoothing))
-        else:
-            loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        target = batch.get("target", batch["label"])  # mixup / cutmix soft targets, else the labels
+        loss = classification_loss(logits, target, self.label_smoothing)
         acc = (logits.argmax(-1) == batch["label"]).float().mean()  # vs the dominant (unmixed) label
         self.train_skipped += int(batch["skipped"])
         n = batch["label"].shape[0]
@@ -77,11 +74,9 @@ class ImageClassifier(Task):
             return
         logits = self.model(batch["image"]).float()
         loss = F.cross_entropy(logits, batch["label"])  # no smoothing: comparable across settings
-        top = logits.topk(self.topk, dim=-1).indices
-        hit = top == batch["label"][:, None]
         self.val_loss.update(loss, weight=n)
-        self.val_acc.update(hit[:, 0].float().mean(), weight=n)
-        self.val_acc5.update(hit.any(-1).float().mean(), weight=n)
+        self.val_acc.update(logits, batch["label"])
+        self.val_acc5.update(logits, batch["label"])
 
     def on_validation_epoch_end(self) -> None:
         self.record_val(self.val_loss.compute())

@@ -20,12 +20,14 @@ from ethos.models.decoder import Decoder
 from ethos.models.encoder import Encoder
 from ethos.optim import OptimConfig
 from ethos.tasks.base import Task
+from ethos.types import PositiveFloat
 
 
 class SequenceClassifier(Task):
     def __init__(self, model: ModelConfig, optim: OptimConfig, vocab_size: int, num_classes: int, pad_id: int = 0,
                  backbone: Literal["encoder", "decoder"] = "encoder", pooling: Literal["cls", "mean", "last"] = "cls",
-                 pretrained: str | None = None, freeze: bool = False, dropout: float = 0.1):
+                 pretrained: str | None = None, freeze: bool = False, dropout: float = 0.1,
+                 backbone_lr_scale: PositiveFloat = 1.0):
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.model = (Decoder if backbone == "decoder" else Encoder)(model, vocab_size, pad_id)
@@ -36,7 +38,7 @@ class SequenceClassifier(Task):
         self.head = nn.Linear(model.d_model, num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        self.adopt_backbone(pretrained, freeze)  # its head lives outside self.model
+        self.adopt_backbone(pretrained, freeze, backbone_lr_scale=backbone_lr_scale)  # its head is outside self.model
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 

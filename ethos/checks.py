@@ -1,0 +1,51 @@
+"""Every check of a composed config that needs no data, run before anything is read or trained: types and keys of
+every group (ethos/config.py, from the signatures of the classes the config builds), a dry build of the model on
+the meta device, and the rules across groups. Each failure is one ConfigError line naming the key."""
+
+from omegaconf import DictConfig
+
+from ethos.config import instantiate, validate
+from ethos.errors import ConfigError
+from ethos.tasks.registry import backbone_for, modality, task_target
+
+
+def build_model_config(cfg: DictConfig):
+    """Instantiate and dry-build the model on the meta device: catches every size mistake in ~1 s."""
+    import torch  # after validate(): a bad value is reported before the 3 s import
+
+    model_cfg = instantiate(cfg.model, _convert_="object")
+    with torch.device("meta"):
+        backbone_for(cfg)(model_cfg)
+    return model_cfg
+
+
+def check(cfg: DictConfig):
+    """Types and keys, the dry build, the rules across groups. Returns (model config, optim config)."""
+    validate(cfg)  # types and keys from the signatures, cached (ethos/signatures.py): no Lightning import
+    model_cfg = build_model_config(cfg)
+    check_across_groups(cfg)
+    return model_cfg, instantiate(cfg.optim)
+
+
+def check_across_groups(cfg: DictConfig) -> None:
+    from hydra.utils import get_class
+
+    task_target(cfg)  # the task fits the data
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and epochs > 0:
+        if not hasattr(get_class(cfg.data._target_), "num_train_samples"):
+            raise ConfigError(f"trainer.max_epochs={epochs}: the data module {cfg.data._target_.rsplit('.', 1)[-1]} "
+                              "is step-based (a stream of blocks): set trainer.max_steps and trainer.max_epochs=-1")
+    if cfg.trainer.get("max_steps") is None:
+        raise ConfigError("trainer.max_steps=null: pretraining is step-based, set a positive number of steps")
+    if cfg.optim.get("fused") and cfg.trainer.get("gradient_clip_val") and "mixed" in str(cfg.trainer.precision):
+        raise ConfigError(f"optim.fused=true: Lightning cannot clip the gradients of a fused optimizer under "
+                          f"trainer.precision={cfg.trainer.precision} (trainer.gradient_clip_val="
+                          f"{cfg.trainer.gradient_clip_val}); set optim.fused=null or trainer.gradient_clip_val=null")
+    patch = cfg.task.get("patch_size") if cfg.get("task") else None
+    if modality(cfg) == "image" and patch and cfg.data.img_size % patch:
+        raise ConfigError(f"task.patch_size={patch}: must divide data.img_size={cfg.data.img_size} (null: chosen "
+                          "from the image size)")
+    if modality(cfg) == "text" and cfg.model.learned_pos and cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: longer than model.max_seq_len={cfg.model.max_seq_len}"
+                          " (the learned position table); raise model.max_seq_len or lower data.seq_len")
