@@ -110,8 +110,8 @@ def time_loader(loader, n: int) -> float:
 
 def data_times(args) -> dict[str, float]:
     """Per-batch time of the real loaders (num_workers=0: the cost the training process would pay)."""
+    from ethos.data.images import ShapesDataModule
     from ethos.data.offline import TinyTextDataModule
-    from ethos.data.shapes import ShapesDataModule
 
     cache = Path(args.cache or tempfile.mkdtemp())
     text = TinyTextDataModule(cache_dir=str(cache / "tiny"), seq_len=128, batch_size=args.text_batch)

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ethos.bench import write_csv
 from ethos.data.hub import TextFilesDataModule
 from ethos.data.sampling import StepBatchSampler
-from ethos.data.text import TextDataModule, train_tokenizer
+from ethos.data.text import TextDataModule
+from ethos.data.tokenizer import train_tokenizer
 
 WORDS = ("the a of and to in is was for on that with as by at from his her it an were are which this be "
          "city river music war school film team album season game station church village player band "

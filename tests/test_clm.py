@@ -8,7 +8,7 @@ from test_text_data import sentences
 
 from conftest import compose
 from ethos.checks import build_model_config
-from ethos.data.text import CLMCollator
+from ethos.data.collate import CLMCollator
 from ethos.models.attention import MHA
 from ethos.models.config import ModelConfig
 from ethos.models.decoder import Decoder

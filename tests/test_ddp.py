@@ -12,8 +12,11 @@ import torch
 from datasets import Dataset
 
 from conftest import ROOT, assert_same_training_state, compose
+from ethos.data.collate import MLMCollator
+from ethos.data.packing import Blocks, pack
 from ethos.data.sampling import EvalBatchSampler, Indexed, StepBatchSampler
-from ethos.data.text import Blocks, MLMCollator, StreamBlocks, pack, train_tokenizer
+from ethos.data.streaming import StreamBlocks
+from ethos.data.tokenizer import train_tokenizer
 from ethos.fit import in_batches
 from ethos.study import train
 
@@ -177,7 +180,7 @@ def test_attention_stats_over_two_processes(ddp_run):
 
     from ethos.callbacks.attention_stats import measure
     from ethos.config import instantiate
-    from ethos.data.text import special_ids
+    from ethos.data.tokenizer import special_ids
     from ethos.pretrained import load_task
 
     cfg = compose(COMMON + ["task=clm", "trainer=ddp", *TWO, f"trainer.max_steps={STEPS}"])

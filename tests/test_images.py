@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from conftest import compose
-from ethos.cli import train
-from ethos.data.images import HFImageDataModule, ImageFolderDataModule, ImageNet100DataModule
+from ethos.data.images import HFImageDataModule, ImageFolderDataModule, ImageNet100DataModule, ShapesDataModule
 from ethos.data.sampling import StepBatchSampler
-from ethos.data.shapes import ShapesDataModule
+from ethos.study import train
 
 COMMON = {"img_size": 16, "batch_size": 4, "crop_pct": 1.0,
           "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
@@ -149,7 +148,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, caplog):
     ds = dm.train_dataloader().dataset
     bad = [i for i in range(len(ds)) if ds.source.raw(i) in bad_train]
     assert len(bad) == 2
-    with caplog.at_level(logging.WARNING, logger="ethos.data.images"):
+    with caplog.at_level(logging.WARNING, logger="ethos.data.image_sources"):
         items = [ds[(0, i)] for i in range(len(ds))]
     # every item decodes; a bad index is replaced by the next readable one (with its label), counted once
     assert [i for i, it in enumerate(items) if it["skipped"]] == bad

@@ -12,10 +12,10 @@ import torch
 from test_text_data import sentences, stream_position
 
 from conftest import assert_same_training_state, compose
-from ethos.cli import train
 from ethos.config import instantiate
 from ethos.data import sampling
 from ethos.data.sampling import StepBatchSampler, pass_key, permute
+from ethos.study import train
 
 M64 = (1 << 64) - 1
 

@@ -20,7 +20,7 @@ def test_portable_annotations_load_without_their_libraries():
     assert not t.open and t.params["max_steps"] is int
     assert t.params["accelerator"] == Union[str, sig.Opaque]  # noqa: UP007 - what portable() builds
     assert t.params["precision"] is not None and "Opaque" not in repr(t.params["precision"])
-    images = sig.read("ethos.data.shapes.ShapesDataModule", "data")
+    images = sig.read("ethos.data.images.ShapesDataModule", "data")
     assert images.modality == "image" and "num_classes" in images.params and "img_size" in images.params
     files = sig.portable(TextClassificationDataModule.__init__.__annotations__["data_files"])
     keys = next(a for a in files.__args__ if isinstance(a, sig.Keys))

@@ -18,12 +18,14 @@ from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling
 
 from conftest import compose, run_cli
-from ethos.cli import train
 from ethos.config import instantiate
+from ethos.data.collate import MLMCollator
 from ethos.data.hub import DataUnavailable, TextFilesDataModule, WikipediaDataModule, WikiText103DataModule
+from ethos.data.packing import Blocks, pack
 from ethos.data.sampling import sample_seed
-from ethos.data.text import Blocks, MLMCollator, pack, train_tokenizer
+from ethos.data.tokenizer import train_tokenizer
 from ethos.errors import ConfigError
+from ethos.study import train
 
 NOUNS = ["cat", "dog", "bird", "horse", "teacher", "student", "farmer", "doctor"]
 VERBS = ["sees", "chases", "helps", "follows"]

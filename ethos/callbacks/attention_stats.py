@@ -72,7 +72,7 @@ def common_rows(batch: dict, pl_module) -> int:
 
 
 def separator_id(trainer) -> int | None:
-    from ethos.data.text import special_ids
+    from ethos.data.tokenizer import special_ids
 
     tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
     try:

@@ -1,224 +1,23 @@
-"""Image pipeline: a source of (encoded image, label) -> timm transforms -> step-indexed batches.
-
-Sources: a local ImageFolder (torchvision's class discovery) or a HF dataset (`load_dataset`, real
-hub names by default, `path=` a local copy in the same layout). Both hand back undecoded files /
-bytes; decoding happens in `ImageSet`, where an unreadable image is replaced by the next readable one
-(deterministic: index i -> i+1 -> ...) and counted; the count travels in the batch (`skipped`) so the
-task logs it as `train/skipped_images` / `val/skipped_images`. Validation drops replaced items instead
-of scoring a substitute twice. A run never stops mid-epoch on a bad file.
-
-Augmentation is seeded per item from (seed, micro-batch id, index), and mixup per micro-batch, so a
-resumed run sees exactly the images an uninterrupted one would (the loader uses the same
-StepBatchSampler as text). The index of a sample identifies its position in the global batch (no
-sample repeats within one), so augmentation also differs across ranks and does not depend on the
-world size. Mixup cannot: timm pairs the images of one micro-batch (the batch and its flip), so a
-process's pairs depend on its micro-batch; it is seeded by (micro-batch id, this rank's first
-position), so ranks draw different mixing factors.
+"""Image classification data modules: a source (image_sources.py) -> timm transforms, seeded
+(image_transforms.py) -> step-indexed batches. A local ImageFolder (`data=image_folder`), a HF dataset
+(`data=cifar10`, ...), the ImageNet-100 subset, and the generated shapes set (`data=shapes`, shapes.py).
 """
 
-import io
 import logging
-import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import lightning as L
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position, split_key
+from ethos.data.image_sources import FolderSource, HFSource, ImageSet, split_folder
+from ethos.data.image_transforms import Collate, Interpolation, patch_timm_posterize
+from ethos.data.sampling import EvalBatchSampler, StepBatchSampler, run_position
+from ethos.data.shapes import SHAPES, generate
 from ethos.errors import ConfigError
 from ethos.types import Gt, Le, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 
 log = logging.getLogger(__name__)
-
-MAX_CONSECUTIVE_BAD = 64  # this many unreadable files in a row: the data is broken, not a few files
-Interpolation = Literal["bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"]  # timm's
-
-
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (stable across processes, unlike hash() of str)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = ((h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
-
-
-@contextmanager
-def seeded(seed: int):
-    """Seed python, numpy and torch (what timm's transforms and Mixup draw from), then restore them:
-    with num_workers=0 this runs in the training process and must not disturb its RNG streams."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    # the CPU generator only: torch.manual_seed also queues a lazy CUDA seed, which records a stack
-    # trace per call (half of this loader's time per image); transforms draw from the CPU one
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
-def decode(data) -> Image.Image:
-    """A path, bytes or HF `{"bytes", "path"}` record -> fully decoded RGB image (raises if unreadable)."""
-    if isinstance(data, dict):
-        data = data.get("bytes") or data.get("path")
-    img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-    img.load()  # decode now: truncated files fail here, inside our try, not later in a transform
-    return img.convert("RGB")
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's RandAugment asks for 0 bits at high magnitudes ('Posterize', 'PosterizeIncreasing'):
-    Pillow >= 13 raises on that, so one image in a few hundred would crash the loader. 0 bits kept
-    is a black image, which is what older Pillow returned."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return img.point(lambda _: 0)
-    from PIL import ImageOps
-
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def patch_timm_posterize() -> None:
-    from timm.data import auto_augment
-
-    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-        auto_augment.NAME_TO_OP[name] = _posterize
-
-
-# -- sources: __len__, raw(i) (undecoded), labels (list[int]), classes (list[str]) -----------------
-class FolderSource:
-    """ImageFolder layout root/<class>/<image>; `classes` restricts (and orders) the class folders."""
-
-    def __init__(self, root: str | Path, classes: list[str] | None = None):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-        root = Path(root)
-        if not root.is_dir():
-            raise ConfigError(f"image folder {root}: no such directory")
-        if classes is None:
-            classes, _ = find_classes(str(root))
-        missing = [c for c in classes if not (root / c).is_dir()]
-        if missing:
-            raise ConfigError(f"image folder {root}: {len(missing)} class folders missing "
-                              f"(e.g. {', '.join(missing[:3])})")
-        self.classes = sorted(classes)
-        samples = make_dataset(str(root), {c: i for i, c in enumerate(self.classes)}, IMG_EXTENSIONS)
-        self.paths = [p for p, _ in samples]
-        self.labels = [y for _, y in samples]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def raw(self, i: int):
-        return self.paths[i]
-
-
-class HFSource:
-    """A HF dataset split with an image column (kept undecoded) and an integer label column.
-    `label_map` keeps only the listed original labels and renumbers them (class subsets)."""
-
-    def __init__(self, ds, image_key: str, label_key: str, label_map: dict[int, int] | None = None,
-                 classes: list[str] | None = None):
-        from datasets import ClassLabel
-        from datasets import Image as HFImage
-
-        for key in (image_key, label_key):
-            if key not in ds.column_names:
-                raise ConfigError(f"data: column {key!r} not in the dataset (columns: {', '.join(ds.column_names)})")
-        self.ds = ds.cast_column(image_key, HFImage(decode=False)).select_columns([image_key])
-        self.image_key = image_key
-        labels = list(ds[label_key])
-        feat = ds.features[label_key]
-        names = classes or (feat.names if isinstance(feat, ClassLabel) else [str(i) for i in range(max(labels) + 1)])
-        if label_map is None:
-            self.index, self.labels, self.classes = None, labels, names
-        else:
-            self.index = [i for i, y in enumerate(labels) if y in label_map]
-            self.labels = [label_map[labels[i]] for i in self.index]
-            self.classes = names
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def raw(self, i: int):
-        return self.ds[i if self.index is None else self.index[i]][self.image_key]
-
-
-class Subset:
-    """Some indices of a source (a validation split carved out of a train folder)."""
-
-    def __init__(self, source, indices: list[int]):
-        self.source, self.indices, self.classes = source, indices, source.classes
-        self.labels = [source.labels[i] for i in indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def raw(self, i: int):
-        return self.source.raw(self.indices[i])
-
-
-class ImageSet(Dataset):
-    """Decodes and transforms; keys are (micro-batch id, index) from the step-indexed samplers."""
-
-    def __init__(self, source, transform, seed: int = 0, train: bool = True):
-        self.source, self.transform, self.seed, self.train = source, transform, seed, train
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, key) -> dict:
-        b, pos, i = split_key(key)
-        n = len(self.source)
-        for k in range(min(n, MAX_CONSECUTIVE_BAD)):
-            j = (i + k) % n
-            try:
-                img = decode(self.source.raw(j))
-                break
-            except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
-                where = self.source.raw(j)
-                where = where if isinstance(where, str) else (where or {}).get("path") or "<bytes>"
-                log.warning(f"skipping unreadable image #{j} ({where}): {type(e).__name__}: {e}")
-        else:
-            raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} unreadable images in a row from #{i}: check the data")
-        if self.train:
-            with seeded(_mix(self.seed, b, i)):
-                x = self.transform(img)
-        else:
-            x = self.transform(img)
-        return {"image": x, "label": self.source.labels[j], "skipped": k, "batch_idx": b, "batch_pos": pos}
-
-
-class Collate:
-    """Stack a batch; train: optional timm Mixup/CutMix seeded by the micro-batch id; eval: drop
-    replaced items. `skipped` = unreadable files met while building this batch."""
-
-    def __init__(self, train: bool, mixup=None, seed: int = 0):
-        self.train, self.mixup, self.seed = train, mixup, seed
-
-    def __call__(self, items: list[dict]) -> dict:
-        skipped = sum(1 for it in items if it["skipped"])
-        if not self.train:
-            items = [it for it in items if not it["skipped"]]
-        if not items:
-            return {"image": torch.zeros(0), "label": torch.zeros(0, dtype=torch.long), "skipped": skipped}
-        x = torch.stack([it["image"] for it in items])
-        y = torch.tensor([it["label"] for it in items], dtype=torch.long)
-        out = {"image": x, "label": y, "skipped": skipped}
-        if self.train and self.mixup is not None:
-            first = max(0, items[0].get("batch_pos", 0))  # this rank's first position in the global batch
-            with seeded(_mix(self.seed, items[0]["batch_idx"], 1 << 32, first)):
-                out["image"], out["target"] = self.mixup(x, y)
-        return out
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -275,6 +74,7 @@ class ImageDataModule(L.LightningDataModule):
         return {"num_classes": self.num_classes, "img_size": self.img_size, "in_chans": self.in_chans}
 
     def transforms(self, train: bool):
+        # timm takes about a second to import: only the loaders need it
         from timm.data import create_transform, resolve_data_config
 
         patch_timm_posterize()
@@ -290,6 +90,7 @@ class ImageDataModule(L.LightningDataModule):
     def make_mixup(self):
         if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:
             return None
+        # timm takes about a second to import: only the loaders need it
         from timm.data import Mixup
 
         # mixed one-hot targets; the task smooths them (task.label_smoothing): the same targets as smoothing here
@@ -311,13 +112,6 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collate(False), num_workers=self.num_workers)
 
 
-def split_folder(source, val_fraction: float, seed: int) -> tuple:
-    """Deterministic train/val split of one folder (when it has no separate val folder)."""
-    perm = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(perm) * val_fraction))
-    return Subset(source, sorted(perm[n_val:])), Subset(source, sorted(perm[:n_val]))
-
-
 class ImageFolderDataModule(ImageDataModule):
     """`data=image_folder`: root/<train_dir>/<class>/*.jpg and root/<val_dir>/<class>/*; with no val
     folder, `val_fraction` of the train images (seeded) are held out."""
@@ -337,6 +131,35 @@ class ImageFolderDataModule(ImageDataModule):
         return split_folder(train, self.val_fraction, self.seed)
 
 
+class ShapesDataModule(ImageDataModule):
+    """`data=shapes`: the offline default image set (ethos/data/shapes.py), generated on first use into the
+    cache and read as an ImageFolder."""
+
+    def __init__(self, num_classes: int = 6, train_per_class: int = 300, val_per_class: int = 60,
+                 generator_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if not 2 <= num_classes <= len(SHAPES):
+            raise ConfigError(f"data.num_classes={num_classes}: must be between 2 and {len(SHAPES)}")
+        if train_per_class < 1 or val_per_class < 1:
+            raise ConfigError("data.train_per_class / data.val_per_class: must be positive")
+        self.n_classes, self.train_per_class, self.val_per_class = num_classes, train_per_class, val_per_class
+        self.generator_seed = generator_seed
+
+    @property
+    def root(self) -> Path:
+        return self.cache_dir / (f"shapes-{self.img_size}px-{self.n_classes}c-{self.train_per_class}-"
+                                 f"{self.val_per_class}-s{self.generator_seed}")
+
+    def prepare_data(self) -> None:
+        if not self.root.is_dir():
+            self.root.parent.mkdir(parents=True, exist_ok=True)
+            generate(self.root, self.n_classes, self.train_per_class, self.val_per_class, self.img_size,
+                     self.generator_seed)
+
+    def sources(self) -> tuple:
+        return FolderSource(self.root / "train"), FolderSource(self.root / "val")
+
+
 class HFImageDataModule(ImageDataModule):
     """A HF image dataset: `load_dataset(path, name, data_dir=..., revision=...)`, columns
     `image_key` / `label_key`. `path` may be a hub name or a local copy in the same layout. `offline`
@@ -351,11 +174,10 @@ class HFImageDataModule(ImageDataModule):
         self.image_key, self.label_key, self.offline = image_key, label_key, offline
 
     def stand_in(self):
-        from ethos.data.shapes import ShapesDataModule
-
         return ShapesDataModule(cache_dir=str(self.cache_dir / "offline_shapes"), img_size=self.img_size)
 
     def load(self):
+        # datasets takes about a second to import: only a HF dataset needs it, not a folder
         from datasets import load_dataset
 
         local = Path(self.path).exists()
@@ -407,6 +229,7 @@ class ImageNet100DataModule(HFImageDataModule):
         root = Path(self.path)
         if (root / self.train_dir).is_dir():
             return FolderSource(root / self.train_dir, self.classes), FolderSource(root / self.val_dir, self.classes)
+        # timm takes about a second to import: only a HF ImageNet source needs it
         from timm.data import ImageNetInfo
 
         synsets = ImageNetInfo("imagenet-1k").label_names()  # the 1000 wnids, sorted = label order

@@ -1,11 +1,11 @@
-"""`data=shapes`: the offline default image set, generated on first use into the cache.
+"""The shapes image set (`data=shapes`, the offline default): drawing it and writing it as an ImageFolder.
 
 One class per shape (circle, square, triangle, cross, ring, diamond, ...), each drawn with a random
 size, position, rotation-free jitter and colour on a random dark background with pixel noise, so
 neither colour nor position gives the class away: the model has to see the shape. Drawn at 4x and
 downsampled (antialiased edges). Image k of a split is a pure function of (seed, split, k), so the same
-settings always give byte-identical PNGs; the set is written as an ImageFolder and loaded through the
-same FolderSource path as any user folder.
+settings always give byte-identical PNGs. `ShapesDataModule` (images.py) generates the set on first use
+into the cache and loads it through the same FolderSource path as any user folder.
 """
 
 import shutil
@@ -13,9 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from ethos.data.images import FolderSource, ImageDataModule
-from ethos.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
 SS = 4  # supersampling factor
@@ -75,28 +72,3 @@ def generate(root: Path, num_classes: int, train_per_class: int, val_per_class: 
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-class ShapesDataModule(ImageDataModule):
-    def __init__(self, num_classes: int = 6, train_per_class: int = 300, val_per_class: int = 60,
-                 generator_seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        if not 2 <= num_classes <= len(SHAPES):
-            raise ConfigError(f"data.num_classes={num_classes}: must be between 2 and {len(SHAPES)}")
-        if train_per_class < 1 or val_per_class < 1:
-            raise ConfigError("data.train_per_class / data.val_per_class: must be positive")
-        self.n_classes, self.train_per_class, self.val_per_class = num_classes, train_per_class, val_per_class
-        self.generator_seed = generator_seed
-
-    @property
-    def root(self) -> Path:
-        return self.cache_dir / (f"shapes-{self.img_size}px-{self.n_classes}c-{self.train_per_class}-"
-                                 f"{self.val_per_class}-s{self.generator_seed}")
-
-    def prepare_data(self) -> None:
-        if not self.root.is_dir():
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-            generate(self.root, self.n_classes, self.train_per_class, self.val_per_class, self.img_size,
-                     self.generator_seed)
-
-    def sources(self) -> tuple:
-        return FolderSource(self.root / "train"), FolderSource(self.root / "val")
