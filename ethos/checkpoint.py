@@ -29,7 +29,7 @@ def allow() -> None:
 
 def refused_global(error: Exception) -> str | None:
     """The `module.name` that weights_only refused, from torch's message."""
-    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(error))
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
     return found.group(1) if found else None
 
 
@@ -53,10 +53,9 @@ def load(path: str | Path, key: str = "checkpoint", map_location="cpu", mmap: bo
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        name = refused_global(e)
-        what = f"an object of type {name}" if name else "objects"
-        raise ConfigError(f"{key}={path}: refused: the checkpoint holds {what}, which a checkpoint may not (only "
-                          "tensors and plain values are read, so that loading cannot run code)") from None
+        name = refused_global(e) or "a global"
+        raise ConfigError(f"{key}={path}: refused: it refers to {name}, which is not on the allowlist of checkpoint "
+                          "types (tensors and plain values: reading a checkpoint must not run code)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, IndexError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}={path}: not a readable PyTorch checkpoint ({first[:200]})") from None

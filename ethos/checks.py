@@ -2,10 +2,14 @@
 every group (ethos/config.py, from the signatures of the classes the config builds), a dry build of the model on
 the meta device, and the rules across groups. Each failure is one ConfigError line naming the key."""
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
-from ethos.config import instantiate, validate
+from ethos import checkpoint
+from ethos.config import instantiate, pretrained_tokenizer, validate
 from ethos.errors import ConfigError
+from ethos.rundir import checkpoint_path
 from ethos.tasks.registry import backbone_for, modality, task_target
 
 
@@ -49,3 +53,14 @@ def check_across_groups(cfg: DictConfig) -> None:
     if modality(cfg) == "text" and cfg.model.learned_pos and cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len}: longer than model.max_seq_len={cfg.model.max_seq_len}"
                           " (the learned position table); raise model.max_seq_len or lower data.seq_len")
+
+
+def check_pretrained(cfg: DictConfig) -> None:
+    """`pretrained=`: a checkpoint that reads safely (ethos/checkpoint.py), and for text the tokenizer its run dir
+    keeps, unless data.tokenizer names another. Read before any data is."""
+    path = checkpoint_path(cfg.pretrained)
+    checkpoint.load(path, key="pretrained", mmap=True)
+    tokenizer = cfg.data.get("tokenizer")
+    if tokenizer and tokenizer == pretrained_tokenizer(cfg.pretrained) and not Path(tokenizer).is_dir():
+        raise ConfigError(f"pretrained={cfg.pretrained}: no tokenizer at {tokenizer} (a checkpoint outside its run "
+                          "dir's checkpoints/): set data.tokenizer=<the pretraining run's tokenizer dir>")

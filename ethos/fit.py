@@ -8,10 +8,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ethos import checkpoint
-from ethos.checks import check
+from ethos.checks import check, check_pretrained
 from ethos.config import instantiate
 from ethos.console import one_line_per_message, print_config
-from ethos.rundir import checkpoint_path, find_resume_ckpt, set_aside_previous_run, write_status
+from ethos.rundir import find_resume_ckpt, set_aside_previous_run, write_status
 from ethos.tasks.registry import task_for, task_target
 
 log = logging.getLogger("ethos")
@@ -84,7 +84,7 @@ def finish_wandb() -> None:
 def fit(cfg: DictConfig) -> float | None:
     model_cfg, optim = check(cfg)
     if cfg.get("pretrained"):  # before any data is read
-        checkpoint_path(cfg.pretrained)
+        check_pretrained(cfg)
     one_line_per_message()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,3 +55,36 @@ def assert_same_training_state(a, b, rtol: float = 1e-6, atol: float = 1e-7, opt
     for i in sa:
         for k in ("step", "exp_avg", "exp_avg_sq"):  # squared gradients are tiny: opt_atol is tighter
             torch.testing.assert_close(sb[i][k], sa[i][k], rtol=rtol, atol=opt_atol)
+
+
+# Tiny pretrained runs, trained once per test session and shared read-only by every test that reads a run
+# (fine-tunes, the analysis tools, safe loading). A test that changes a run copies it first.
+TINY = ["debug=tiny", "logger=csv", "print_config=false"]
+
+
+def _pretrain(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    from ethos.study import train
+
+    out = tmp_path_factory.mktemp(name)
+    train(compose([*TINY, *overrides], output_dir=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def mha_run(cache_dir, tmp_path_factory) -> Path:
+    """The default MHA encoder (masked LM), 30 steps."""
+    return _pretrain(tmp_path_factory, "mha_run", ["trainer.max_steps=30", "trainer.val_check_interval=30"])
+
+
+@pytest.fixture(scope="session")
+def mla_run(cache_dir, tmp_path_factory) -> Path:
+    """An MLA encoder, 30 steps."""
+    return _pretrain(tmp_path_factory, "mla_run", ["model=mla", "trainer.max_steps=30",
+                                                   "trainer.val_check_interval=30"])
+
+
+@pytest.fixture(scope="session")
+def vit_run(cache_dir, tmp_path_factory) -> Path:
+    """A ViT on the generated shapes, 150 steps."""
+    return _pretrain(tmp_path_factory, "vit_run", ["data=shapes", "trainer.max_steps=150",
+                                                   "trainer.val_check_interval=150"])

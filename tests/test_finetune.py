@@ -17,16 +17,13 @@ from ethos.optim import OptimConfig
 from ethos.study import train
 from ethos.tasks.finetune import SequenceClassifier
 
-PRE = ["debug=tiny", "logger=csv", "print_config=false"]
 FT = ["task=finetune", "data=docstrings", "debug=tiny", "logger=csv", "print_config=false", "optim.lr=1e-3",
       "trainer.max_steps=100", "trainer.val_check_interval=50"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pretrained")
-    train(compose([*PRE, "trainer.max_steps=30", "trainer.val_check_interval=30"], output_dir=out))
-    return out
+@pytest.fixture
+def pretrained(mha_run):
+    return mha_run
 
 
 def test_docstring_kinds_are_balanced_and_split_by_file():
@@ -169,12 +166,9 @@ def test_task_and_data_must_agree_and_the_checkpoint_exist(tmp_path):
 
 
 # -- images: fine-tune and linear probe of a pretrained ViT ------------------------------------------------
-@pytest.fixture(scope="module")
-def vit(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vit")
-    train(compose(["data=shapes", "debug=tiny", "logger=csv", "print_config=false", "trainer.max_steps=150",
-                   "trainer.val_check_interval=150"], output_dir=out))
-    return out
+@pytest.fixture
+def vit(vit_run):
+    return vit_run
 
 
 @pytest.mark.timeout(400)
