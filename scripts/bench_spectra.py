@@ -67,14 +67,14 @@ def write_layer(root: Path, shape: dict) -> int:
 
 
 def run_tool(ckpt: Path, dtype: str) -> dict:
-    from ethos.analysis import spectra
+    from ethos.analysis import spectra, store
 
     out = Path(tempfile.mkdtemp(prefix="spectra_out_"))
     base = rss_mb()
     t0 = time.perf_counter()  # the per-layer work and its outputs; the plots are made once per run, not timed
     spectra.analyse(str(ckpt), out, dtype=getattr(torch, dtype), progress=False, plots=False)
     seconds = time.perf_counter() - t0
-    svals, _ = spectra.load_layer(out / "svals" / "layer_000.npz")
+    svals, _ = store.load_layer(store.layer_path(out, 0))
     return {"seconds": seconds, "base_mb": base, "peak_mb": peak_mb(),
             "svals": {k: v.tolist() for k, v in svals.items()}}
 
@@ -83,7 +83,7 @@ def run_reference(ckpt: Path, dtype: str) -> dict:
     """Dense dequantisation, then svdvals of every full matrix in `dtype`, fused products materialised."""
     from safetensors import safe_open
 
-    from ethos.analysis.checkpoints import dequantize_fp8
+    from ethos.analysis.fp8 import dequantize_fp8
 
     base = rss_mb()
     t0 = time.perf_counter()

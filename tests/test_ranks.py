@@ -59,13 +59,14 @@ def test_logged_ranks_equal_the_checkpoints(variant, cache_dir, tmp_path):
     from test_train import metrics
 
     from conftest import compose
-    from ethos.cli import train
+    from ethos import checkpoint
     from ethos.pretrained import load_task
+    from ethos.study import train
 
     train(compose(["debug=tiny", *variant, "logger=csv", "trainer.max_steps=4", "trainer.val_check_interval=4",
                    "trainer.log_every_n_steps=3", "callbacks.ranks.every_n_steps=2"], output_dir=tmp_path))
     m = metrics(tmp_path)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = checkpoint.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt["global_step"] == 4
     want = expected(ckpt["state_dict"], load_task(tmp_path)[0].model.trunk.blocks)
     assert len(want) == 2 * 2 * 5

@@ -1,4 +1,4 @@
-"""The experiment recipes reproduce their references (DESIGN.md §5): data, tokenizer, task and schedule as
+"""The experiment recipes reproduce their references (docs/design.md §5): data, tokenizer, task and schedule as
 composed, and `debug=smoke` swaps in the offline corpus without touching the rest."""
 
 import pytest
@@ -106,6 +106,6 @@ def test_vit_recipe_and_its_offline_smoke_run(tmp_path):
                     output_dir=tmp_path / "smoke")
     assert smoke.data.offline and smoke.model == cfg.model and smoke.task == cfg.task
     train(smoke)
-    ckpt = torch.load(tmp_path / "smoke" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "smoke" / "checkpoints" / "last.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert (hp["num_classes"], hp["img_size"], hp["patch_size"], hp["label_smoothing"]) == (6, 32, 4, 0.1)

@@ -12,10 +12,12 @@ from test_spectra import qwen, save
 from test_train import metrics
 
 from conftest import compose
-from ethos.analysis.retrofit import break_even, main, retrofit
-from ethos.cli import train
+from ethos import checkpoint
+from ethos.analysis.lowrank import break_even
+from ethos.analysis.retrofit import main, retrofit
 from ethos.errors import ConfigError
 from ethos.pretrained import load_task
+from ethos.study import train
 
 PRE = ["debug=tiny", "model=mla", "logger=csv", "print_config=false", "trainer.max_steps=30",
        "trainer.val_check_interval=30"]
@@ -36,7 +38,7 @@ def stacked_w_o(state: dict, layer: int) -> torch.Tensor:
 def test_errors_are_the_svd_tails_and_activation_aware_wins_on_its_objective(mla_run, tmp_path):
     report = retrofit(str(mla_run), [1, 4, 16, 64], tmp_path, activation_aware=True, calib_batches=4)
     df = pd.DataFrame(report["rows"])
-    state = torch.load(mla_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = checkpoint.load(mla_run / "checkpoints" / "last.ckpt")["state_dict"]
     for (layer, rank), row in df[df["method"] == "plain"].set_index(["layer", "rank"]).iterrows():
         s = torch.linalg.svdvals(stacked_w_o(state, layer))  # Eckart-Young: the best rank-r error is the tail
         assert row["weight_rel_error"] == pytest.approx(math.sqrt(float((s[rank:] ** 2).sum() / (s ** 2).sum())),
@@ -82,7 +84,7 @@ def test_written_mla_o_runs_load_in_a_fine_tune_and_in_continued_pretraining(mla
                    "trainer.limit_val_batches=1.0"], output_dir=cont))
     val = metrics(cont)["val/loss"]
     assert val[0][1] == pytest.approx(loss["plain r=8"], rel=1e-4)  # the step-0 validation
-    assert torch.load(cont / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert checkpoint.load(cont / "checkpoints" / "last.ckpt")["global_step"] == 4
     # a fine-tune starts from it too (its tokenizer beside it)
     ft = tmp_path / "ft"
     train(compose(["task=finetune", "data=docstrings", "debug=tiny", "model=mla_o", "model.attn.o_latent=8",

@@ -57,7 +57,7 @@ def ref_qkv(m, x):
 
 
 def ref_weights(s, allowed, score, sink=None, sigmoid_bias=None):
-    """p (B, H, T, T) straight from DESIGN.md §8; n = keys the query may attend to (at least 1)."""
+    """p (B, H, T, T) straight from docs/design.md §8; n = keys the query may attend to (at least 1)."""
     a = allowed.double()
     n = a.sum(-1, keepdim=True).clamp(min=1)
     e = torch.exp(s) * a

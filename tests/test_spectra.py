@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ethos.analysis import checkpoints, spectra
-from ethos.analysis.checkpoints import dequantize_fp8, open_source
-from ethos.analysis.synthetic import mla_config, quantize_fp8, write_checkpoint
+from ethos.analysis import spectra, store
+from ethos.analysis.ethos_runs import EthosSource
+from ethos.analysis.fp8 import dequantize_fp8
+from ethos.analysis.sources import open_source
+from ethos.analysis.synthetic import mla_config, mla_layer, quantize_fp8, write_checkpoint
 from ethos.errors import ConfigError, DataUnavailable
 
 RTOL = 1e-5
@@ -114,7 +116,7 @@ def assert_spectrum(ours: torch.Tensor, matrix: torch.Tensor, what: str) -> None
 
 
 def assert_layer(out: Path, i: int, matrices: dict) -> None:
-    svals, shapes = spectra.load_layer(out / "svals" / f"layer_{i:03d}.npz")
+    svals, shapes = store.load_layer(out / "svals" / f"layer_{i:03d}.npz")
     assert set(svals) == set(matrices), (set(svals), set(matrices))
     for kind, m in matrices.items():
         if isinstance(m, list):
@@ -186,8 +188,6 @@ def test_fp8_checkpoint_scales_in_other_shards(tmp_path):
     """A DeepSeek-style FP8 layer (scales in another shard than their weights, bf16 norms) reads as the naive
     block dequantisation, and its spectra are those of the dequantised matrices."""
     cfg = mla_config(d=200, heads=3, q_latent=136, kv_latent=130, d_nope=24, d_rope=8, d_v=20, fp8=True)
-    from ethos.analysis.synthetic import mla_layer
-
     tensors = mla_layer(cfg, 0, torch.Generator().manual_seed(0))
     stored = write_checkpoint(tmp_path / "ckpt", cfg, tensors, shards=3, fp8=True)
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"]
@@ -267,7 +267,7 @@ def test_effective_and_stable_rank_definitions():
 def ethos_run(cache_dir, tmp_path_factory):
     """A tiny MLA encoder whose first layer is dense MHA (model.num_dense_layers=1): both of our layouts."""
     from conftest import compose
-    from ethos.cli import train
+    from ethos.study import train
 
     out = tmp_path_factory.mktemp("mla_run")
     train(compose(["debug=tiny", "model=mla", "model.num_dense_layers=1", "logger=csv", "print_config=false",
@@ -324,7 +324,6 @@ def test_ethos_layouts_every_singular_value(variant):
     (the shared rope key head, d_nope pairs), no query latent, MHA under a LayerNorm."""
     from types import SimpleNamespace
 
-    from ethos.analysis.checkpoints import EthosSource
     from ethos.models.attention import MHA, MLA, MLAO
 
     torch.manual_seed(0)
@@ -351,18 +350,60 @@ def test_ethos_layouts_every_singular_value(variant):
 
 # ---- sources, resume, errors ----
 
+class LocalHub:
+    """The hub, served from local copies of its repos ({repo id: directory}), through the huggingface_hub calls the
+    hub readers make: hf_hub_download, parse_safetensors_file_metadata (huggingface_hub's own parse of the file's
+    header) and HfFileSystem, whose ranged reads go to fsspec's local file system. Records what was asked."""
+
+    def __init__(self, monkeypatch, repos: dict[str, Path]):
+        import huggingface_hub
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.repos, self.downloads, self.tables, self.reads = repos, [], [], []
+        hub = self
+
+        class FileSystem:  # huggingface_hub.HfFileSystem's open(), on local files
+            def __init__(self, *args, **kwargs):
+                self.local = LocalFileSystem()
+
+            def open(self, path, mode="rb", revision=None, **kwargs):
+                return hub.Recorded(hub, path, self.local.open(str(hub.path(path)), mode, **kwargs))
+
+        def download(repo_id, filename, **kwargs):
+            self.downloads.append(filename)
+            return str(self.path(f"{repo_id}/{filename}"))
+
+        def table(repo_id, filename, revision=None, **kwargs):
+            self.tables.append(filename)
+            return huggingface_hub.parse_local_safetensors_file_metadata(self.path(f"{repo_id}/{filename}"))
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+        monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", table)
+        monkeypatch.setattr(huggingface_hub, "HfFileSystem", FileSystem)
+
+    def path(self, hub_path: str) -> Path:
+        repo_id, filename = hub_path.rsplit("/", 1)
+        return self.repos[repo_id] / filename
+
+    class Recorded:
+        """A file open for reading whose reads are recorded as (file name, start, end)."""
+
+        def __init__(self, hub, path, f):
+            self.hub, self.name, self.f, self.size = hub, path.rsplit("/", 1)[1], f, f.size
+
+        def seek(self, loc, whence=0):
+            return self.f.seek(loc, whence)
+
+        def read(self, length=-1):
+            start = self.f.tell()
+            data = self.f.read(length)
+            self.hub.reads.append((self.name, start, start + len(data)))
+            return data
+
+
 def test_hub_path_downloads_only_the_attention_shards(tmp_path, monkeypatch):
-    import huggingface_hub
-
     repo = save(deepseek(), tmp_path / "repo")
-    requested = []
-
-    def fake_download(repo_id, filename, **kwargs):  # the hub, served from a local copy of the repo
-        assert repo_id == "acme/tiny-deepseek"
-        requested.append(filename)
-        return str(repo / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    requested = LocalHub(monkeypatch, {"acme/tiny-deepseek": repo}).downloads
     spectra.analyse("acme/tiny-deepseek", tmp_path / "out", first=1, progress=False, plots=False)
     weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
     needed = {f for k, f in weight_map.items() if k.startswith("model.layers.0.")
@@ -374,37 +415,47 @@ def test_hub_path_downloads_only_the_attention_shards(tmp_path, monkeypatch):
 
 
 def test_hub_byte_ranges_fetch_only_the_attention_tensors(tmp_path, monkeypatch):
-    """--ranges: the headers, then exactly the bytes of layer 0's attention tensors; the same spectra."""
-    import huggingface_hub
-
-    repo = save(deepseek(), tmp_path / "repo")
-    downloaded, ranges = [], []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo_id, f, **kw: downloaded.append(f) or str(repo / f))
-
-    def fake_hub_range(repo_id, revision=None):
-        def get_range(filename, start, end):
-            ranges.append((filename, start, end))
-            with open(repo / filename, "rb") as f:
-                f.seek(start)
-                return f.read(end - start)
-        return get_range
-
-    monkeypatch.setattr(checkpoints, "hub_range", fake_hub_range)
-    spectra.analyse("acme/tiny-deepseek", tmp_path / "out", first=1, progress=False, plots=False, ranges=True)
-    assert downloaded == ["config.json", "model.safetensors.index.json"]  # no shard as a whole
-    assert_layer(tmp_path / "out", 0, hf_mla_matrices(deepseek(), 0))
+    """--ranges: each needed file's tensor table once, then exactly the bytes of layer 0's attention tensors;
+    the same spectra."""
     from safetensors import safe_open
 
-    wanted = 0
-    for name, f in json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"].items():
+    repo = save(deepseek(), tmp_path / "repo")
+    hub = LocalHub(monkeypatch, {"acme/tiny-deepseek": repo})
+    spectra.analyse("acme/tiny-deepseek", tmp_path / "out", first=1, progress=False, plots=False, ranges=True)
+    assert hub.downloads == ["config.json", "model.safetensors.index.json"]  # no shard as a whole
+    assert_layer(tmp_path / "out", 0, hf_mla_matrices(deepseek(), 0))
+    weight_map = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+    wanted, files = 0, set()
+    for name, f in weight_map.items():
         if name.startswith("model.layers.0.") and ("self_attn." in name or "input_layernorm" in name):
             with safe_open(str(repo / f), framework="pt") as st:
                 t = st.get_tensor(name)
-            wanted += t.numel() * t.element_size()
-    data = [(f, a, b) for f, a, b in ranges if a > 8]  # the rest: each file's length prefix and header, once
-    assert sum(b - a for _, a, b in data) == wanted and len(data) == len(set(data))
-    assert len(ranges) - len(data) == 2 * len({f for f, _, _ in ranges})
+            wanted, files = wanted + t.numel() * t.element_size(), files | {f}
+    assert sum(b - a for _, a, b in hub.reads) == wanted and len(hub.reads) == len(set(hub.reads))
+    assert sorted(hub.tables) == sorted(files) and len(files) < len(set(weight_map.values()))
+
+
+def test_hub_byte_ranges_read_what_safe_open_reads(tmp_path, monkeypatch):
+    """Every tensor of an FP8 checkpoint (e4m3 weights, float32 scales in other shards, bf16 norms) read by byte
+    ranges equals safe_open's, bit for bit, and dequantises as the whole-file reader does."""
+    from safetensors import safe_open
+
+    cfg = mla_config(d=200, heads=3, q_latent=136, kv_latent=130, d_nope=24, d_rope=8, d_v=20, fp8=True)
+    write_checkpoint(tmp_path / "ckpt", cfg, mla_layer(cfg, 0, torch.Generator().manual_seed(0)), shards=3,
+                     fp8=True)
+    LocalHub(monkeypatch, {"acme/fp8": tmp_path / "ckpt"})
+    ranged, whole = open_source("acme/fp8", ranges=True).reader, open_source(str(tmp_path / "ckpt")).reader
+    dtypes = set()
+    for name, f in ranged.weight_map.items():
+        with safe_open(str(tmp_path / "ckpt" / f), framework="pt") as st:
+            want = st.get_tensor(name)
+        got = ranged.raw(name)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name  # bits: float8 has no equal
+        if not name.endswith("_scale_inv"):
+            assert torch.equal(ranged[name], whole[name]), name
+        dtypes.add(want.dtype)
+    assert dtypes == {torch.float8_e4m3fn, torch.float32, torch.bfloat16}
 
 
 @pytest.mark.parametrize("offline", [True, False])
@@ -464,21 +515,10 @@ def test_readme_commands_run(ethos_run, tmp_path, monkeypatch):
     (outputs/train/runs/default, our tiny MLA run) or, for a hub repo id, a tiny stand-in of its architecture."""
     import shutil
 
-    import huggingface_hub
-
     commands = readme_commands()
     assert commands, "README documents no spectra command"
     stand_in = save(deepseek(), tmp_path / "hub")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f, **kw: str(stand_in / f))
-
-    def local_range(repo_id, revision=None):
-        def get_range(filename, start, end):
-            with open(stand_in / filename, "rb") as f:
-                f.seek(start)
-                return f.read(end - start)
-        return get_range
-
-    monkeypatch.setattr(checkpoints, "hub_range", local_range)
+    LocalHub(monkeypatch, {"deepseek-ai/DeepSeek-V3": stand_in})
     monkeypatch.chdir(tmp_path)
     for args in commands:
         source = Path(args[0])

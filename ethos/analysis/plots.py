@@ -1,16 +1,18 @@
-"""PNG plots of the spectra tables (ethos.analysis.spectra): effective rank vs layer per kind, a layers x heads
-heatmap per per-head kind, the spectra of chosen layers."""
+"""PNG plots of a spectra store (ethos.analysis.store, written by ethos.analysis.spectra): effective rank vs layer
+per kind, a layers x heads heatmap per per-head kind, the spectra of chosen layers."""
 
 from pathlib import Path
 
-from ethos.analysis.spectra import HEAD_KINDS, TAUS, load_layer
+import numpy as np
+
+from ethos.analysis.store import HEAD_KINDS, TAUS, layer_path, load_layer
 
 TITLES = {"o_head": "W_O per head", "o": "W_O stacked", "qk": "W_QK per head", "vo": "W_VO per head",
           "qa": "W_qa", "kva": "W_kva", "kr": "W_kr (rope key)"}
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # half a second to import: only when plotting
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -29,10 +31,8 @@ def _grid(plt, n: int, size=(4.0, 3.0)):
 
 def plot_erank(out: Path, rows: list[dict]) -> None:
     """Effective rank vs layer, one panel per kind: per-head kinds as the median over heads with a min-max band."""
-    import numpy as np
-
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # matplotlib: only when plotting (see _pyplot)
 
     kinds = [k for k in TITLES if any(r["kind"] == k for r in rows)]
     fig, axes = _grid(plt, len(kinds))
@@ -57,8 +57,6 @@ def plot_erank(out: Path, rows: list[dict]) -> None:
 
 
 def plot_heatmaps(out: Path, rows: list[dict], tau: float = TAUS[-1]) -> None:
-    import numpy as np
-
     plt = _pyplot()
     for kind in HEAD_KINDS:
         sel = [r for r in rows if r["kind"] == kind]
@@ -84,7 +82,7 @@ def plot_heatmaps(out: Path, rows: list[dict], tau: float = TAUS[-1]) -> None:
 def plot_spectra(out: Path, layer: int) -> None:
     """Normalised spectra s_j / s_1 of one layer, one panel per kind (every head a thin line)."""
     plt = _pyplot()
-    svals, _ = load_layer(out / "svals" / f"layer_{layer:03d}.npz")
+    svals, _ = load_layer(layer_path(out, layer))
     kinds = [k for k in TITLES if k in svals]
     fig, axes = _grid(plt, len(kinds))
     for ax, kind in zip(axes, kinds):

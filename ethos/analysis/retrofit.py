@@ -7,7 +7,7 @@ W_OB = V_r^T (r -> d): the best rank-r W_O in the Frobenius norm (Eckart-Young),
 sqrt(sum_{j>r} s_j^2 / sum s_j^2). It saves parameters while r (H*d_v + d) < H*d_v*d, i.e. below the break-even
 rank H*d_v*d / (H*d_v + d) (DeepSeek-V3: 4986 of 7168).
 
-Activation-aware (SVD-LLM; DESIGN.md §4): with X the inputs of W_O (the concatenated head outputs) on
+Activation-aware (SVD-LLM; docs/design.md §4): with X the inputs of W_O (the concatenated head outputs) on
 calibration batches, C = X^T X = L L^T, the SVD of L^T W truncated at r and mapped back with L^-T minimises
 ||X W - X W_r||_F instead of ||W - W_r||_F. It needs activations, so the model must run here: ethos runs only.
 
@@ -16,191 +16,49 @@ self-describing checkpoint with the weights only, and the run's tokenizer) that 
 (`ckpt_path=<dir>/checkpoints/last.ckpt`, starting at step 0) or a fine-tune (`pretrained=<dir>`) loads, with
 the model config `model=mla_o model.attn.o_latent=r` and the run's sizes. With `--eval`, the validation loss on
 the run's own data is reported before and after, for each written rank and method.
+
+Here: the command and its report. The factors: ethos/analysis/lowrank.py; the runs on the data (covariances,
+validation loss): calibration.py; the MLA-o run dir: surgery.py.
 """
 
 import argparse
-import copy
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from ethos.analysis.checkpoints import EthosSource, open_source
+from ethos.analysis.calibration import covariances, run_data, take, val_loss
+from ethos.analysis.ethos_runs import EthosSource
+from ethos.analysis.lowrank import break_even, factor
+from ethos.analysis.sources import is_ethos_run, open_source
+from ethos.analysis.surgery import mla_o_task, out_projections, save_run
 from ethos.errors import ConfigError
+from ethos.models.attention import MLA
+from ethos.pretrained import load_task
+from ethos.rundir import checkpoint_path, run_dir_of
 
 
-def break_even(rows: int, cols: int) -> float:
-    """The rank where W_OA + W_OB hold as many parameters as W_O (rows x cols)."""
-    return rows * cols / (rows + cols)
-
-
-def factor(w: Tensor, r: int, cov: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(W_OA, W_OB) for the stacked W_O `w` (H*d_v x d) at rank r; with
-    `cov` (C = X^T X of W_O's inputs) the activation-aware truncation: SVD of L^T W, W_OA = L^-T U_r S_r."""
-    w = w.double()
-    if cov is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :r] * s[:r], vh[:r]
-    chol = whitening(cov)
-    u, s, vh = torch.linalg.svd(chol.mT @ w, full_matrices=False)
-    w_oa = torch.linalg.solve_triangular(chol.mT, u[:, :r] * s[:r], upper=True)  # L^-T (U_r S_r)
-    return w_oa, vh[:r]
-
-
-def whitening(cov: Tensor) -> Tensor:
-    """Cholesky factor L of C (C = L L^T), with the smallest diagonal shift that makes C positive definite
-    (heads whose outputs are exactly dependent leave C singular)."""
-    cov = cov.double()
-    shift = 0.0
-    eye = torch.eye(len(cov), dtype=cov.dtype)
-    for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(cov + shift * eye)
-        if info == 0:
-            return chol
-        shift = max(shift * 10, 1e-10 * float(cov.diagonal().mean().clamp_min(1e-30)))
-    raise ValueError("the calibration covariance is not positive definite even after a shift")
-
-
-# -- activations: C = X^T X of W_O's inputs, from calibration batches of the run's own data ------------------
-def run_data(task, ckpt: dict, run_dir: Path):
-    """The data module the run trained on (its checkpoint's record), with the run's own saved tokenizer."""
-    from ethos.config import instantiate
-
-    data = copy.deepcopy(ckpt["ethos"]["data"])
-    if (run_dir / "tokenizer").is_dir() and "tokenizer" in data:
-        data["tokenizer"] = str(run_dir / "tokenizer")
-    dm = instantiate(data)
-    dm.prepare_data()
-    dm.setup("fit")
-    return dm
-
-
-def out_projections(model) -> list[torch.nn.Module]:
-    """The module applying W_O in every block: MLA / MHA `out` (MLA-o has none to retrofit)."""
-    from ethos.models.blocks import Block
-
-    return [b.attn.out for b in model.modules() if isinstance(b, Block)]
-
-
-@torch.no_grad()
-def covariances(task, batches) -> list[Tensor]:
-    """Per layer, X^T X over the real tokens of `batches`, X the input of W_O (B*T x H*d_v)."""
-    outs = out_projections(task.model)
-    covs = [torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in outs]
-    keep = {}
-
-    def hook(i):
-        def pre(_, args):
-            x = args[0][keep["mask"]].double()  # (real tokens, H*d_v)
-            covs[i].addmm_(x.T, x)
-        return pre
-
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(outs)]
-    try:
-        for batch in tqdm(batches, desc="calibration", unit="batch", disable=None):
-            keep["mask"] = batch["attention_mask"].bool()
-            task._step(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return covs
-
-
-@torch.no_grad()
-def val_loss(task, batches) -> float:
-    """Token-weighted mean loss of the task over `batches`."""
-    total, count = 0.0, 0
-    for batch in batches:
-        loss, _, n = task._step(batch)
-        total, count = total + float(loss) * n, count + n
-    return total / max(count, 1)
-
-
-def take(loader, n: int) -> list:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
-# -- writing an MLA-o run from an MLA one -------------------------------------------------------------------
-def mla_o_task(task, ckpt: dict, r: int, factors: list[tuple[Tensor, Tensor]]):
-    """The task rebuilt with MLA-o attention at output latent r, every weight copied, W_O replaced by its
-    factors. Returns (task, its `ethos` record)."""
-    from hydra.utils import get_class
-
-    from ethos.config import instantiate
-    from ethos.optim import OptimConfig
-
-    record = copy.deepcopy(ckpt["ethos"])
-    attn = record["model"]["attn"]
-    attn["_target_"], attn["o_latent"] = "ethos.models.attention.MLAO", r
-    options = dict(ckpt.get("hyper_parameters", {}))
-    if "pretrained" in options:
-        options["pretrained"] = None
-    new = get_class(record["task"])(model=instantiate(record["model"], _convert_="object"), optim=OptimConfig(),
-                                    **options)
-    state = dict(task.state_dict())
-    for (prefix, _), (w_oa, w_ob) in zip(named_outs(task.model), factors):
-        w = state.pop(f"model.{prefix}.weight")
-        state[f"model.{prefix.removesuffix('out')}o_a.weight"] = w_oa.T.to(w.dtype).contiguous()
-        state[f"model.{prefix.removesuffix('out')}o_b.weight"] = w_ob.T.to(w.dtype).contiguous()
-        bias = state.pop(f"model.{prefix}.bias", None)
-        if bias is not None:
-            state[f"model.{prefix.removesuffix('out')}o_b.bias"] = bias
-    new.load_state_dict(state)  # strict: every weight of the MLA-o model accounted for
-    new.recipe = record
-    return new.eval(), record
-
-
-def named_outs(model) -> list[tuple[str, torch.nn.Module]]:
-    outs = set(map(id, out_projections(model)))
-    return [(n, m) for n, m in model.named_modules() if id(m) in outs]
-
-
-def save_run(task, record: dict, ckpt: dict, src: Path, dest: Path) -> Path:
-    """A run dir a fine-tune (`pretrained=dest`) or continued pretraining (`ckpt_path=`) starts from: the weights
-    only (no optimizer state: training starts at step 0), self-describing, with the source run's tokenizer."""
-    (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
-    path = dest / "checkpoints" / "last.ckpt"
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": task.state_dict(), "ethos": record,
-                "hyper_parameters": ckpt.get("hyper_parameters", {}), "retrofit_of": str(src)}, tmp)
-    tmp.replace(path)  # atomic
-    if (src / "tokenizer").is_dir() and not (dest / "tokenizer").exists():
-        shutil.copytree(src / "tokenizer", dest / "tokenizer")
-    return path
-
-
-# -- the command ---------------------------------------------------------------------------------------------
 def retrofit(source: str, ranks: list[int], out: str | Path, activation_aware: bool = False,
              calib_batches: int = 8, write: list[int] = (), evaluate: bool = False, val_batches: int = 20) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    src = open_source(source, dtype=torch.float64)
-    ethos_run = isinstance(src, EthosSource)
-    if (activation_aware or write or evaluate) and not ethos_run:
-        raise ConfigError(f"SOURCE={source}: --activation-aware, --write and --eval run the model on its data, "
-                          "so they need an ethos run dir or .ckpt (a HF checkpoint gets the weight-error table)")
     task = ckpt = run_dir = dm = covs = None
-    if ethos_run:
-        from ethos.pretrained import checkpoint_path, load_task, run_dir_of
-
+    if is_ethos_run(source):  # the task is loaded once: its weights are read, and it runs on its data
         task, ckpt = load_task(source)
         run_dir = run_dir_of(checkpoint_path(source))
-        if write and not out_projections(task.model):
-            raise ConfigError(f"--write: {source} has no MLA / MHA output projection to factor")
-        from ethos.models.attention import MLA
-
-        if write and not all(isinstance(m, MLA) for m in (b.attn for b in src.blocks)):
-            kinds = sorted({type(b.attn).__name__ for b in src.blocks})
-            raise ConfigError(f"--write: an MLA-o run comes from an MLA one; {source} has {', '.join(kinds)} layers")
+        src = EthosSource(source, torch.float64, model=task.model)
+    else:
+        src = open_source(source, dtype=torch.float64)
+    if (activation_aware or write or evaluate) and task is None:
+        raise ConfigError(f"SOURCE={source}: --activation-aware, --write and --eval run the model on its data, "
+                          "so they need an ethos run dir or .ckpt (a HF checkpoint gets the weight-error table)")
+    if write and not out_projections(task.model):
+        raise ConfigError(f"--write: {source} has no MLA / MHA output projection to factor")
+    if write and not all(isinstance(b.attn, MLA) for b in src.blocks):
+        kinds = sorted({type(b.attn).__name__ for b in src.blocks})
+        raise ConfigError(f"--write: an MLA-o run comes from an MLA one; {source} has {', '.join(kinds)} layers")
     if activation_aware or evaluate:
         dm = run_data(task, ckpt, run_dir)
     if activation_aware:
@@ -247,7 +105,7 @@ def retrofit(source: str, ranks: list[int], out: str | Path, activation_aware: b
 
 
 def write_report(out: Path, report: dict, ranks: list[int]) -> None:
-    import pandas as pd
+    import pandas as pd  # half a second to import: only for the report
 
     df = pd.DataFrame(report["rows"])
     df.to_csv(out / "retrofit.csv", index=False)
@@ -269,7 +127,7 @@ def write_report(out: Path, report: dict, ranks: list[int]) -> None:
 
 
 def plot(df, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # half a second to import: only for the report
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

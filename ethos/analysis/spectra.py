@@ -4,8 +4,8 @@
 
 SOURCE: a HF repo id (only the shards holding attention tensors are downloaded; with --ranges only the attention
 tensors' bytes), a local directory of
-safetensors in the HF layout, or an ethos run dir / .ckpt (ethos/analysis/checkpoints.py reads them all into
-one layout). Per layer and, where it has heads, per head (DESIGN.md §4):
+safetensors in the HF layout, or an ethos run dir / .ckpt (ethos/analysis/sources.py reads them all into
+one layout). Per layer and, where it has heads, per head (docs/design.md §4):
 
     o_head  W_O_h (d_v x d)          o    stacked W_O (H d_v x d)
     qk      W_QK_h = W_q_h W_k_g^T   (MLA: nope part, in latent coordinates, r_q x r_kv; MHA/GQA, and our MLA
@@ -19,33 +19,29 @@ have (the rest are exactly 0). Whole matrices go through the eigenvalues of the 
 side, accumulated in --dtype a few rows at a time. Measures: effective rank at tau (smallest r with
 sum_{j<=r} s_j^2 / sum s_j^2 >= tau) for tau = 0.99, 0.999; stable rank ||W||_F^2 / s_1^2; s_1.
 
-DIR gets svals/layer_XXX.npz (the singular values; `shape_<kind>` holds each matrix's shape), spectra.csv and
-spectra.json (one row per layer x kind x head; head is empty for whole matrices), meta.json, and at the end
-erank.png, heatmap_<kind>.png and spectra_layer_<i>.png. The npz and the tables are written after every
-layer; a run started again on the same DIR skips the layers it already has.
+DIR (its layout: ethos/analysis/store.py) gets svals/layer_XXX.npz (the singular values; `shape_<kind>` holds
+each matrix's shape), spectra.csv and spectra.json (one row per layer x kind x head; head is empty for whole
+matrices), meta.json, and at the end erank.png, heatmap_<kind>.png and spectra_layer_<i>.png. The npz and the
+tables are written after every layer; a run started again on the same DIR skips the layers it already has.
 """
 
 import argparse
-import csv
 import ctypes
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from ethos.analysis.checkpoints import AttentionWeights, open_source
+from ethos.analysis.plots import plot_all
+from ethos.analysis.sources import open_source
+from ethos.analysis.store import TAUS, layer_path, load_layer, save_layer, start, write_tables
+from ethos.analysis.weights import AttentionWeights
 from ethos.errors import ConfigError
 
-TAUS = (0.99, 0.999)
-HEAD_KINDS = ("o_head", "qk", "vo")
-LAYER_KINDS = ("o", "qa", "kva", "kr")
 # what layer_spectra reads of a layer, in this order: W_O first, measured and let go before the rest is read
 READS = (("o",), ("q", "k", "v", "qa", "kva", "kr"))
-COLUMNS = ["layer", "kind", "head", "rows", "cols", "n_sv", "sigma_1", "stable_rank",
-           *[f"erank_{t}" for t in TAUS]]
 
 
 def effective_rank(s: Tensor, tau: float) -> Tensor:
@@ -144,68 +140,17 @@ def rows_of(layer: int, svals: dict, shapes: dict) -> list[dict]:
     return rows
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
-def save_layer(out: Path, layer: int, svals: dict, shapes: dict) -> None:
-    import numpy as np
-
-    arrays = {k: v.double().numpy() for k, v in svals.items()}
-    arrays.update({f"shape_{k}": np.array(v) for k, v in shapes.items()})
-    path = out / "svals" / f"layer_{layer:03d}.npz"
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    _atomic(path, write)
-
-
-def load_layer(path: Path) -> tuple[dict, dict]:
-    import numpy as np
-
-    with np.load(path) as z:
-        svals = {k: torch.from_numpy(z[k]) for k in z.files if not k.startswith("shape_")}
-        shapes = {k.removeprefix("shape_"): tuple(int(x) for x in z[k]) for k in z.files if k.startswith("shape_")}
-    return svals, shapes
-
-
-def write_tables(out: Path, rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: (r["layer"], r["kind"], -1 if r["head"] is None else r["head"]))
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    _atomic(out / "spectra.csv", write_csv)
-    _atomic(out / "spectra.json", lambda tmp: tmp.write_text(json.dumps(rows)))
-
-
 def analyse(source: str, out: str | Path, plot_layers: list[int] | None = None, first: int | None = None,
             dtype: torch.dtype = torch.float64, revision: str | None = None, progress: bool = True,
             plots: bool = True, ranges: bool = False) -> list[dict]:
     """Measure every layer of SOURCE (the first `first`), resuming from what `out` holds; returns the rows."""
-    from tqdm import tqdm
-
     out = Path(out)
     src = open_source(source, revision, ranges=ranges)
-    meta = {"source": str(source), "description": src.description, "n_layers": src.n_layers}
-    (out / "svals").mkdir(parents=True, exist_ok=True)
-    if (out / "meta.json").is_file():
-        old = json.loads((out / "meta.json").read_text())
-        if old.get("description") != meta["description"]:
-            raise ConfigError(f"--out {out}: holds the spectra of {old.get('source')} ({old.get('description')}), "
-                              f"not of {source}: choose another --out")
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    start(out, {"source": str(source), "description": src.description, "n_layers": src.n_layers})
     layers = range(src.n_layers if first is None else min(first, src.n_layers))
     rows, todo = [], []
     for i in layers:
-        path = out / "svals" / f"layer_{i:03d}.npz"
+        path = layer_path(out, i)
         if path.is_file():
             rows += rows_of(i, *load_layer(path))
         else:
@@ -221,8 +166,6 @@ def analyse(source: str, out: str | Path, plot_layers: list[int] | None = None, 
         return rows
     if plot_layers is None:
         plot_layers = sorted({layers[0], layers[len(layers) // 2], layers[-1]}) if len(layers) else []
-    from ethos.analysis.plots import plot_all
-
     plot_all(out, rows, [i for i in plot_layers if i in layers])
     return rows
 

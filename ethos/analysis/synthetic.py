@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -66,8 +67,6 @@ def write_checkpoint(root: Path, config: dict, tensors: dict[str, Tensor], shard
     """Write config.json, model-XXXXX-of-YYYYY.safetensors and the index. With fp8, every 2-D weight becomes e4m3 +
     `weight_scale_inv`, each scale in the shard after its weight's (so readers must look it up), norms in
     `norm_dtype`. Returns what was stored (the FP8 pairs included)."""
-    from safetensors.torch import save_file
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stored, where = {}, {}

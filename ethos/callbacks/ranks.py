@@ -2,8 +2,8 @@
 (README "Watching rank form during training"; the offline tool is `python -m ethos.analysis.spectra`).
 
 Every `every_n_steps` optimizer steps (0, the default in ethos/conf/callbacks/default.yaml: off) it reads the live
-model's attention weights layer by layer (ethos.analysis.checkpoints.EthosSource: norm gains folded) and measures
-them with the analysis' own `layer_spectra` and `effective_rank` (DESIGN.md §4), in `dtype` on a CPU copy of
+model's attention weights layer by layer (ethos.analysis.ethos_runs.EthosSource: norm gains folded) and measures
+them with the analysis' own `layer_spectra` and `effective_rank` (docs/design.md §4), in `dtype` on a CPU copy of
 each layer, under no_grad. Logged per layer i, for each tau of `taus`:
 
     rank/layer{i}/o_{tau}                    stacked W_O (H d_v x d)
@@ -27,9 +27,12 @@ from typing import Annotated, Literal
 import lightning as L
 import torch
 from annotated_types import Gt, Le
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ethos.analysis.ethos_runs import EthosSource, sharded
+from ethos.analysis.spectra import READS, effective_rank, layer_spectra
 from ethos.types import NonNegativeInt
 
 Tau = Annotated[float, Gt(0), Le(1)]
@@ -63,8 +66,6 @@ class AttentionRanks(L.Callback):
                            "python -m ethos.analysis.spectra)")
             self._skip = True
             return
-        from ethos.analysis.checkpoints import sharded
-
         gathered = any(sharded(p) for p in pl_module.parameters())  # FSDP2: every rank reads
         if not (trainer.is_global_zero or gathered):
             return
@@ -76,8 +77,6 @@ class AttentionRanks(L.Callback):
 
 def flat_sharded(trainer) -> bool:
     """Lightning's FSDPStrategy (FSDP1): no rank holds a whole layer outside its forward, and no layer is read."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
@@ -99,9 +98,6 @@ def measure(model: torch.nn.Module, taus=(0.99, 0.999), dtype: torch.dtype = tor
     """The metrics of the module docstring for a live backbone (encoder, decoder, ViT; MHA, MLA, MLA-o).
     `here=False` (ranks other than 0 under FSDP2): read every layer as the measuring rank does, so that each
     gather has all its ranks, and measure nothing."""
-    from ethos.analysis.checkpoints import EthosSource
-    from ethos.analysis.spectra import READS, effective_rank, layer_spectra
-
     # read in float64: MLA-o's W_O = W_OA W_OB is formed on the model's device, where float32 may mean TF32
     source = EthosSource(type(model).__name__, torch.float64, model=model)
     out: dict[str, float] = {}

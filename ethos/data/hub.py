@@ -8,16 +8,15 @@ same call. Without network they fail fast, in one line, saying how to point at l
 
 import logging
 import os
-import socket
 from glob import glob
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 from datasets import DatasetDict, load_dataset
 
 from ethos.data.text import TextDataModule
 from ethos.errors import ConfigError, DataUnavailable  # noqa: F401  (re-exported for callers)
+from ethos.hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +26,6 @@ FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", "
 def hub_offline() -> bool:
     flags = (os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     return any(f in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub endpoint: seconds instead of the minutes of HTTP retries."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _unavailable(path: str, name: str | None, why: str) -> DataUnavailable:

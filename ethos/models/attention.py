@@ -6,7 +6,7 @@ and the module builds the same tables itself. Every module gets the same common
 constructor arguments from the backbone (d_model, n_heads, head_dim, rope_dims, rope_theta,
 rope_interleave, max_seq_len, dropout); variant-specific ones come from the model config.
 
-Every variant takes the same score-function arguments (ethos/models/scores.py, DESIGN.md §8): `score`
+Every variant takes the same score-function arguments (ethos/models/scores.py, docs/design.md §8): `score`
 (softmax | softmax1 | sink | sigmoid | relu), `gate` (none | head | elementwise) and `sigmoid_bias` (null =
 -log n); one `Attend` module does what follows q, k, v for all of them.
 

@@ -1,4 +1,4 @@
-"""Attention score functions and the output gate, one implementation for MHA, MLA and MLA-o (DESIGN.md §8).
+"""Attention score functions and the output gate, one implementation for MHA, MLA and MLA-o (docs/design.md §8).
 
 Per head, s = q.k * scale over the keys a query may attend to (`allowed`: its row's real tokens, and for
 causal attention those at or before it); p are the weights of the values, o = sum_j p_j v_j:
