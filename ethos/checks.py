@@ -4,6 +4,7 @@ the meta device, and the rules across groups. Each failure is one ConfigError li
 
 from pathlib import Path
 
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from ethos import checkpoint
@@ -32,8 +33,6 @@ def check(cfg: DictConfig):
 
 
 def check_across_groups(cfg: DictConfig) -> None:
-    from hydra.utils import get_class
-
     task_target(cfg)  # the task fits the data
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and epochs > 0:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ethos.config import CONF_DIR, register_resolvers
@@ -24,9 +26,6 @@ log = logging.getLogger("ethos")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
 
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

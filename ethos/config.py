@@ -1,17 +1,22 @@
 """Hydra resolvers and config checks that run before anything heavy is imported or loaded."""
 
 import functools
+import glob
 import inspect
 import json
+import os
 import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ethos.errors import ConfigError
 from ethos.rundir import run_dir_name, run_dir_of
+from ethos.signatures import Keys, Opaque, signatures
 from ethos.types import Gt, Le, NonNegativeFloat, NonNegativeInt, PositiveInt
 
 # The configs ship inside the package (package data), so an installed `ethos-train` finds them from any directory
@@ -19,15 +24,12 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def default_precision() -> str:
-    import glob
-    import os
-
     # no NVIDIA device node (nor WSL's): no CUDA, and no 3 s torch import just to learn that, so a bad config
     # fails fast; ETHOS_PROBE_CUDA=1 asks torch anyway
     no_device = not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/dxg")
     if no_device and os.environ.get("ETHOS_PROBE_CUDA") != "1":
         return "32-true"
-    import torch
+    import torch  # 3 s: only where a GPU may be there to ask about
 
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
@@ -75,15 +77,11 @@ def cache_dir(cfg: DictConfig) -> str | None:
 
 def target_info(cfg: DictConfig, target: str, key: str):
     """What the config check knows of `target` (ethos.signatures): parameters, modality."""
-    from ethos.signatures import signatures
-
     return signatures(cache_dir(cfg)).get(target, key)
 
 
 def describe(t) -> str:
     """An annotation in words: 'an integer > 0', 'one of 'linear', 'cosine'', 'a string or null'."""
-    from ethos.signatures import Keys, Opaque
-
     if isinstance(t, Keys):
         return f"a mapping of {', '.join(k for k, _ in t.fields)}"
     origin, args = get_origin(t), get_args(t)
@@ -111,7 +109,7 @@ def describe(t) -> str:
 
 @functools.cache
 def _adapter(annotation):
-    from pydantic import ConfigDict, TypeAdapter
+    from pydantic import ConfigDict, TypeAdapter  # pydantic's import is most of a check's time: only when one runs
 
     # strict JSON mode: no 'abc' -> int or true -> 1 coercion, but ints are numbers and lists are tuples
     return TypeAdapter(annotation, config=ConfigDict(strict=True, arbitrary_types_allowed=True))
@@ -119,8 +117,6 @@ def _adapter(annotation):
 
 def _keys(t):
     """The Keys (a TypedDict, ethos.signatures) in `t` or `t | None`, else None."""
-    from ethos.signatures import Keys
-
     if get_origin(t) in (Union, types.UnionType):
         args = [a for a in get_args(t) if a is not type(None)]
         t = args[0] if len(args) == 1 else None
@@ -129,12 +125,10 @@ def _keys(t):
 
 def check_value(key: str, value, annotation) -> None:
     """One line naming the key, the value and what is valid, if `value` does not fit `annotation`."""
-    from pydantic import ValidationError
+    from pydantic import ValidationError  # see _adapter
 
     if annotation is inspect.Parameter.empty:
         return
-    from ethos.signatures import Opaque
-
     keys = _keys(annotation)
     if keys is not None:  # a nested mapping: check and name each of its keys
         if value is None and annotation is not keys:
@@ -203,8 +197,6 @@ def validate(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> None:
     for k, annotation in RUN_KEYS.items():
         if k in cfg:
             check_value(k, cfg[k], annotation)
-    from ethos.signatures import signatures
-
     try:
         for group in groups:
             if cfg.get(group):
@@ -215,9 +207,6 @@ def validate(cfg: DictConfig, groups: tuple[str, ...] = GROUPS) -> None:
 
 def instantiate(node, **kwargs):
     """hydra.utils.instantiate that lets our ConfigError through instead of wrapping it."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as e:

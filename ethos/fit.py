@@ -11,6 +11,7 @@ from ethos import checkpoint
 from ethos.checks import check, check_pretrained
 from ethos.config import instantiate
 from ethos.console import one_line_per_message, print_config
+from ethos.pretrained import load_backbone
 from ethos.rundir import find_resume_ckpt, set_aside_previous_run, write_status
 from ethos.tasks.registry import task_for, task_target
 
@@ -118,8 +119,6 @@ def fit(cfg: DictConfig) -> float | None:
         task = task_for(cfg)(model=model_cfg, optim=optim, **datamodule.task_kwargs())
         task.recipe = recipe(cfg)
         if init and not ckpt:
-            from ethos.pretrained import load_backbone
-
             load_backbone(task.model, init, key="ckpt_path")
             log.info(f"starting from the weights of {init} (no training state in it: step 0)")
         for logger in loggers:

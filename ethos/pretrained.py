@@ -3,6 +3,10 @@ a whole task rebuilt from its self-describing checkpoint (for the analysis tools
 
 from pathlib import Path
 
+from hydra.utils import get_class
+
+from ethos import checkpoint
+from ethos.config import instantiate
 from ethos.errors import ConfigError
 from ethos.rundir import checkpoint_path
 
@@ -13,8 +17,6 @@ def load_backbone(backbone, pretrained: str | Path, new: tuple[str, ...] = (), k
     """Copy the checkpoint's `model.*` weights into `backbone`, tensor for tensor. Every backbone weight must
     come from the checkpoint with its shape, except those under the `new` prefixes (a fresh head, kept as
     initialised); only pretraining heads may be left over. Returns the checkpoint path."""
-    from ethos import checkpoint
-
     path = checkpoint_path(pretrained, key)
     state = checkpoint.load(path, key=key)["state_dict"]
     saved = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -44,11 +46,7 @@ def load_task(pretrained: str | Path, map_location="cpu"):
     """The task (LightningModule) a checkpoint holds, rebuilt from the checkpoint alone: its `ethos` record (task
     class, resolved model config; ethos.fit.recipe) and Lightning's `hyper_parameters`, then its weights loaded
     strictly. Returns (task in eval mode, the checkpoint dict). No Hydra config or run dir is needed."""
-    from hydra.utils import get_class
-
-    from ethos import checkpoint
-    from ethos.config import instantiate
-    from ethos.optim import OptimConfig
+    from ethos.optim import OptimConfig  # imports torch: not before the config is checked (ethos/fit.py imports us)
 
     path = checkpoint_path(pretrained)
     ckpt = checkpoint.load(path, key="pretrained", map_location=map_location)

@@ -69,7 +69,7 @@ def portable(t):
 def read(target: str, key: str) -> Target:
     """Import `target` and read its parameters; a class forwarding **kwargs to its base gets the base's
     too (walking the MRO), so subclasses need no hand-kept signature."""
-    from hydra.utils import get_object
+    from hydra.utils import get_object  # hydra's instantiate machinery: not needed to read a cached signature
 
     try:
         obj = get_object(target)

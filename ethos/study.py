@@ -8,6 +8,8 @@ runs where the pretraining ran (the same SLURM array job) and resumes the same w
 
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ethos.checks import check
@@ -23,9 +25,6 @@ CAUSAL = "ethos.tasks.clm.CausalLM"
 def group_nodes(overrides: list[str]) -> DictConfig:
     """The task and data nodes of ethos/conf/ for these group choices, as Hydra composes them (inside the running
     app, or on their own in a script or test)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     if GlobalHydra.instance().is_initialized():
         return compose("train", overrides=overrides)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

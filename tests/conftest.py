@@ -46,7 +46,7 @@ def assert_same_training_state(a, b, rtol: float = 1e-6, atol: float = 1e-7, opt
     """Two checkpoints (dicts or paths) at the same step with the same weights and AdamW state."""
     import torch
 
-    a, b = (torch.load(c, weights_only=False) if isinstance(c, (str, Path)) else c for c in (a, b))
+    a, b = (torch.load(c, weights_only=True) if isinstance(c, (str, Path)) else c for c in (a, b))
     assert a["global_step"] == b["global_step"]
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=rtol, atol=atol, msg=k)

@@ -40,7 +40,7 @@ def run_ddp(tmp: Path, name: str, steps: int, extra=(), objective="clm", strateg
 
 def ckpt(run_dir: Path) -> dict:
     """The latest last*.ckpt: after a stop, ModelCheckpoint versions its own (last-v1.ckpt) beside GracefulStop's."""
-    found = [torch.load(f, weights_only=False) for f in (run_dir / "checkpoints").glob("last*.ckpt")]
+    found = [torch.load(f, weights_only=True) for f in (run_dir / "checkpoints").glob("last*.ckpt")]
     return max(found, key=lambda c: c["global_step"])
 
 

@@ -30,9 +30,9 @@ def test_extension_continues_the_schedule_and_best_is_ranked_by_its_step(cache_d
     assert min(after) >= 0.1 * peak - 1e-12  # never below the floor
 
     best = next((tmp_path / "checkpoints").glob("best-step*.ckpt"))
-    ckpt = torch.load(best, weights_only=False)
+    ckpt = torch.load(best, weights_only=True)
     history = ckpt["val_history"]  # (step, val/loss) of every validation up to this checkpoint
-    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["val_history"]
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["val_history"]
     fit = [(s, v) for s, v in final if s > 0]  # step 0 is the untrained baseline, before fit
     step, loss = min(fit, key=lambda sv: sv[1])
     assert ckpt["global_step"] == step and history[-1] == (step, loss)
@@ -47,4 +47,4 @@ def test_resume_never_starts_a_fresh_run(cache_dir, tmp_path):
     assert steps == [0, 1, 2]  # a new log, not appended to the previous run's
     previous = list((tmp_path / "previous").iterdir())
     assert len(previous) == 1 and (previous[0] / "csv" / "metrics.csv").is_file()
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

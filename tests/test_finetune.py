@@ -70,7 +70,7 @@ def classifier(overrides: list[str], pretrained, **kw) -> SequenceClassifier:
 
 
 def test_backbone_starts_as_the_pretrained_one_tensor_for_tensor(pretrained):
-    saved = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     task = classifier(["debug=tiny"], pretrained)
     own = task.model.state_dict()
     assert set(own) == {k.removeprefix("model.") for k in saved if k != "model.mlm_bias"}
@@ -171,21 +171,30 @@ def vit(vit_run):
     return vit_run
 
 
-@pytest.mark.timeout(400)
+# The fresh head learns at lr 1e-2 (60 steps from zeros); a full fine-tune moves the pretrained backbone at 1/20 of
+# that, its pretraining LR: at 1e-2 the backbone's residual stream blew up (|x| ~ 190) and the model collapsed to
+# one class on some machines and not others, a recipe on a numerical edge.
+VIT_FT = {"probe": [], "classify": ["task.backbone_lr_scale=0.05"]}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("task", ["probe", "classify"])
-def test_vit_probe_and_finetune_beat_chance(vit, task, tmp_path):
+def test_vit_probe_and_finetune_beat_chance(vit, task, seed, tmp_path, capsys):
     out = tmp_path / task
     train(compose([f"task={task}", "data=shapes", f"pretrained={vit}", "debug=tiny", "logger=csv",
                    "print_config=false", "trainer.max_steps=60", "trainer.val_check_interval=60",
-                   "trainer.limit_val_batches=1.0", "optim.lr=1e-2"], output_dir=out))
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    pre = torch.load(vit / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+                   "trainer.limit_val_batches=1.0", "optim.lr=1e-2", f"seed={seed}", *VIT_FT[task]], output_dir=out))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    pre = torch.load(vit / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     body = [k for k in pre if not k.startswith("model.head.")]
     if task == "probe":  # the backbone did not move; only the head learned
         assert all(torch.equal(ckpt[k], pre[k]) for k in body)
     else:
         assert any(not torch.equal(ckpt[k], pre[k]) for k in body)
     acc = metrics(out)["val/acc"]
+    with capsys.disabled():
+        print(f"\nViT {task}, seed {seed}: val acc {acc[0][1]:.3f} -> {acc[-1][1]:.3f} (chance 0.167)")
     # 6 balanced shapes, 360 validation images: chance is 1/6 (± 0.02); a 150-step tiny ViT reaches ~0.35
     assert acc[-1][1] > 0.25, acc
 
@@ -196,7 +205,7 @@ def test_vit_starts_from_the_pretrained_backbone_with_a_fresh_head(vit):
     cfg = compose(["task=probe", "data=shapes", "debug=tiny", f"pretrained={vit}"])
     task = ImageClassifier(build_model_config(cfg), OptimConfig(), num_classes=6, img_size=32, patch_size=4,
                            pretrained=str(vit), freeze=True)
-    pre = torch.load(vit / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    pre = torch.load(vit / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     for k, v in task.model.state_dict().items():
         if k.startswith("head."):
             assert not v.any(), k  # the ViT's zero-initialised head, not the pretrained one
@@ -233,7 +242,7 @@ def test_a_checkpoint_rebuilds_its_model_without_the_config(run, request):
 def test_a_checkpoint_without_its_record_fails_in_one_line(pretrained, tmp_path):
     from ethos.pretrained import load_task
 
-    ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)
     del ckpt["ethos"]
     torch.save(ckpt, tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match=r"pretrained=.*old\.ckpt: the checkpoint does not describe its model"):
@@ -251,7 +260,7 @@ def test_epochs_become_steps_and_validation_follows_each_pass(pretrained, tmp_pa
                    f"data.data_files.validation={tmp_path / 'validation.csv'}", "data.num_classes=2",
                    f"pretrained={pretrained}", "debug=tiny", "logger=csv", "print_config=false",
                    "trainer.max_epochs=3", "data.batch_size=16"], output_dir=out))
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12 and [s for s, _ in ckpt["val_history"]] == [0, 4, 8, 12]
     assert len(metrics(out)["val/acc"]) == 4
     with pytest.raises(ConfigError, match=r"trainer.max_epochs=2: the data module TinyText.* is step-based"):

@@ -171,7 +171,7 @@ def test_map_style_resume_across_a_pass_boundary(tmp_path):
 
     train(text_cfg(tmp_path, glob, tmp_path / "straight", steps))
     train(text_cfg(tmp_path, glob, tmp_path / "split", stop))
-    assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=False)["global_step"] == stop
+    assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["global_step"] == stop
     train(text_cfg(tmp_path, glob, tmp_path / "split", steps))
     assert_same_training_state(tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "split/checkpoints/last.ckpt")
 
@@ -189,7 +189,7 @@ def test_streaming_resume_from_every_kind_of_checkpoint(tmp_path, workers):
     steps = 10
     train(text_cfg(tmp_path, glob, tmp_path / "straight", steps, stream))
     straight = tmp_path / "straight/checkpoints/last.ckpt"
-    state = torch.load(straight, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    state = torch.load(straight, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     pos = stream_position(state[-1])
     assert pos["b"] == steps and pos["epoch"] >= 1, pos  # the run went past the end of one pass
 
@@ -201,7 +201,7 @@ def test_streaming_resume_from_every_kind_of_checkpoint(tmp_path, workers):
     assert stopped.value.code == 130
     stop_ckpt = split / "checkpoints" / "stop5.ckpt"
     every_n = shutil.copy(split / "checkpoints" / "best-step4.ckpt", tmp_path)  # ModelCheckpoint's save at step 4
-    at4, at5 = (stream_position(torch.load(p, weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    at4, at5 = (stream_position(torch.load(p, weights_only=True)["loops"]["fit_loop"]["state_dict"]
                                 ["combined_loader"][-1]) for p in (every_n, stop_ckpt))
     assert (at4["b"], at5["b"]) == (4, 5)
     assert at4["epoch"] == at5["epoch"] and at5["window"] > at4["window"] + 1  # as the docstring says

@@ -55,11 +55,11 @@ def test_sigterm_during_validation_saves_and_exits_nonzero(cache_dir, tmp_path):
     assert res.returncode == 143, res.stderr[-3000:]  # 128 + SIGTERM: not a success
     out = res.stdout + res.stderr
     assert "saved" in out and "at step 10" in out, out[-3000:]
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
     res = train_py([*common, "trainer.max_steps=15"], tmp_path, cache_dir)  # the same command continues
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout + res.stderr
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 15
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 15
     steps = [s for s, _ in metrics(run_dir)["train/loss"]]
     assert steps == sorted(set(steps)) and len(steps) == 15, steps  # every step once
 
@@ -74,7 +74,7 @@ def test_sigterm_during_training_resumes_with_the_same_log(cache_dir, tmp_path):
                     "+callbacks.kill.training=true"], tmp_path, cache_dir)
     assert res.returncode == 143, res.stderr[-3000:]
     run_dir = tmp_path / "train" / "runs" / "stopped"
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 8
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
     for name in ("stopped", "straight"):
         res = train_py([*common, f"run_name={name}", "trainer.max_steps=20"], tmp_path, cache_dir)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -96,7 +96,7 @@ def test_multirun_2x2_on_slurm(slurm, cache_dir, tmp_path):
         f"debug=tiny,model.n_heads={h},seed={s},trainer.max_steps=5" for h in (2, 4) for s in (1, 2)]
     groups = set()
     for run in filter(Path.is_dir, runs):
-        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
         cfg = OmegaConf.load(run / "config_resolved.yaml")
         groups.add(cfg.logger.wandb.group)
         assert (run / "wandb").is_dir() and (run / "wandb_id.txt").is_file()  # an (offline) W&B run each
@@ -183,7 +183,7 @@ def test_scontrol_requeue_resumes_exactly(slurm, cache_dir, tmp_path):
     log = (requeued / "train.log").read_text()
     assert "resuming from" in log, log[-3000:]
     assert (requeued / "wandb_id.txt").read_text() == run_id  # the same W&B run continues
-    assert torch.load(requeued / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert torch.load(requeued / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
     got, want = losses(requeued), losses(straight)
     assert [s for s, _ in got] == [s for s, _ in want] and len(got) == len({s for s, _ in got}), (got, want)
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
@@ -205,7 +205,7 @@ def test_time_limit_signal_requeues_and_finishes(slurm, cache_dir, tmp_path):
         out = job_logs(run.sweep)
     assert "Caught signal SIGUSR2" in out and "resuming from" in out, out[-3000:]
     [run_dir] = [p for p in run.sweep.iterdir() if not p.name.startswith(".") and p.is_dir()]
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
     steps_logged = [s for s, _ in losses(run_dir)]
     assert steps_logged == sorted(set(steps_logged)), "a step logged twice: the resume did not drop the redone steps"
 

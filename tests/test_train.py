@@ -52,10 +52,10 @@ def test_resume_continues_with_identical_state(cache_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(_resume_cfg(straight, 10))
     train(_resume_cfg(split, 6))  # stops at 6 ...
-    first = torch.load(split / "checkpoints" / "last.ckpt", weights_only=False)
+    first = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 6
     train(_resume_cfg(split, 10))  # ... and the same command with more steps resumes there
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == 10
     assert_same_training_state(a, split / "checkpoints" / "last.ckpt")
     steps = [s for s, _ in metrics(split)["train/loss"]]
@@ -84,7 +84,7 @@ def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
             proc.kill()
         log.close()
     out = (tmp_path / "log.txt").read_text()
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     stopped = ckpt["global_step"]
     assert 5 <= stopped < 100000, out
     assert "re-run the same command to resume" in out
@@ -93,7 +93,7 @@ def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=200)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming from" in res.stdout + res.stderr
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped + 3
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped + 3
 
 
 def test_multirun_goes_on_after_a_failed_job(cache_dir, tmp_path):
@@ -103,5 +103,5 @@ def test_multirun_goes_on_after_a_failed_job(cache_dir, tmp_path):
     assert "model.n_heads=7: must divide" in res.stderr
     runs = tmp_path / "train" / "multiruns"
     good = runs / "debug=tiny,model.n_heads=4,trainer.max_steps=3"
-    assert torch.load(good / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert torch.load(good / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert not (runs / "debug=tiny,model.n_heads=7,trainer.max_steps=3" / "checkpoints").exists()

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ethos.data.tokenizer import special_ids
 from ethos.models.blocks import Block
 from ethos.models.scores import NULL_KEY, Attend, record_attention
 from ethos.types import PositiveInt
@@ -72,8 +73,6 @@ def common_rows(batch: dict, pl_module) -> int:
 
 
 def separator_id(trainer) -> int | None:
-    from ethos.data.tokenizer import special_ids
-
     tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
     try:
         return special_ids(tokenizer)[1] if tokenizer is not None else None

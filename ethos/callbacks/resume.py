@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ def slurm_plugins() -> list:
     """Trainer plugins: inside a SLURM job step, Lightning's SLURM environment without its auto-requeue (the
     cluster environment Lightning would pick anyway, minus its SIGUSR1 handler); elsewhere none, so Lightning
     detects torchrun & co. as usual."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 

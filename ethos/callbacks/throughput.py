@@ -11,6 +11,7 @@ perf/tokens_per_sec, perf/flops_per_sec (also on CPU) and perf/mfu (world-wide r
 from lightning.pytorch.callbacks import RichModelSummary, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
+from rich import get_console
 
 # the library's names -> ours; without a "device/" prefix they are world-wide (logged when world_size > 1)
 NAMES = {"samples_per_sec": "samples_per_sec", "items_per_sec": "tokens_per_sec",
@@ -78,8 +79,6 @@ class ModelSummary(RichModelSummary):
                              for name, f in zip(cols["Name"], cols["FLOPs"])]
         super().summarize(list(cols.items()), total_parameters, trainable_parameters, model_size,
                           total_training_modes, int(self._flops), **kwargs)
-        from rich import get_console
-
         (batch, tokens), fwd = self._dims, self._flops
         get_console().print(
             f"FLOPs (closed form, ethos/models/flops.py): forward of a {batch} x {tokens}-token batch "

@@ -12,8 +12,9 @@ from glob import glob
 from pathlib import Path
 from typing import Literal
 
-from datasets import DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDatasetDict, load_dataset
 
+from ethos.data.offline import python_docs_corpus
 from ethos.data.text import TextDataModule
 from ethos.errors import ConfigError, DataUnavailable  # noqa: F401  (re-exported for callers)
 from ethos.hub import hub_reachable
@@ -56,10 +57,6 @@ class HubTextDataModule(TextDataModule):
 
     def load_documents(self, streaming: bool = False) -> DatasetDict:
         if self.offline:  # debug=smoke: the offline corpus stands in, so a recipe runs without the hub
-            from datasets import Dataset, IterableDatasetDict
-
-            from ethos.data.offline import python_docs_corpus
-
             docs = Dataset.from_dict({"text": python_docs_corpus()})
             return IterableDatasetDict(train=docs.to_iterable_dataset()) if streaming else DatasetDict(train=docs)
         local = Path(self.path).exists()

@@ -8,6 +8,7 @@ DataCollatorWithPadding); training batches come from the step sampler, so a fine
 """
 
 import logging
+import random
 from pathlib import Path
 
 import lightning as L
@@ -45,8 +46,6 @@ def docstring_kinds(min_chars: int = 40, seed: int = 0) -> DatasetDict:
     """The offline task: which kind of object (module, class, function) a standard-library docstring
     documents, from its text alone. Classes are balanced by subsampling (chance = majority = 1/3); 10% of
     the source files are held out for validation, so no file's docstrings are on both sides."""
-    import random
-
     by_split = {"train": {k: [] for k in KINDS}, "validation": {k: [] for k in KINDS}}
     for rel, kind, doc in stdlib_docstrings(min_chars):
         split = "validation" if random.Random(f"{seed}:{rel}").random() < 0.1 else "train"

@@ -41,7 +41,7 @@ def stdlib_docstrings(min_chars: int = 40):
 
 
 def python_docs_corpus(min_chars: int = 40) -> list[str]:
-    import pydoc_data.topics
+    import pydoc_data.topics  # 1 MB of text: only when the offline corpus is built
 
     docs = [v.strip() for _, v in sorted(pydoc_data.topics.topics.items())]
     return docs + [doc for _, _, doc in stdlib_docstrings(min_chars)]

@@ -17,6 +17,7 @@ Convention
     the weights), no activation recomputation.
 """
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 TRAIN_FACTOR = 3  # forward + backward
@@ -53,8 +54,6 @@ def _bag_scatter(grad, indices, offset2bag, bag_size, maximum_indices, num_weigh
 
 def flop_counter(display: bool = False) -> FlopCounterMode:
     """torch's FlopCounterMode plus formulas for ops it does not know and our models run on CPU."""
-    import torch
-
     aten = torch.ops.aten
     extra = {
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,

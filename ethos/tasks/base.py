@@ -7,6 +7,8 @@ import torch
 from ethos.models.blocks import count_params
 from ethos.models.flops import TRAIN_FACTOR
 from ethos.optim import LRSchedule, OptimConfig, clips_under_amp, decays, schedule
+from ethos.parallel import shard
+from ethos.pretrained import load_backbone
 
 
 class Task(L.LightningModule):
@@ -39,8 +41,6 @@ class Task(L.LightningModule):
         them (discriminative fine-tuning, Howard & Ruder 2018)."""
         self.pretrained_lr_scale = 1.0
         if pretrained:
-            from ethos.pretrained import load_backbone  # reads a checkpoint: only when fine-tuning
-
             self.pretrained_from = load_backbone(self.model, pretrained, new)
             self.pretrained_lr_scale = backbone_lr_scale
         self.probe = freeze
@@ -51,8 +51,6 @@ class Task(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # trainer=fsdp (ethos.parallel.FSDP): every process on the data axis
-            from ethos.parallel import shard
-
             shard(self.model, self.device_mesh["data_parallel"])
 
     def param_groups(self) -> list[dict]:

@@ -6,8 +6,10 @@ build on the meta device (run before any data is read, to check the model config
 nothing heavy is imported before the config is known to be good.
 """
 
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from ethos.config import instantiate, target_info
 from ethos.errors import ConfigError
 
 TASKS = {  # task class -> (data modality, backbone, placeholder sizes)
@@ -24,8 +26,6 @@ DEFAULT_TASK = {"text": "ethos.tasks.mlm.MaskedLM", "image": "ethos.tasks.classi
 
 def modality(cfg: DictConfig) -> str:
     """The data module's `modality` (read through the config check's cache: no import once known)."""
-    from ethos.config import target_info
-
     return target_info(cfg, cfg.data._target_, "data").modality or "text"
 
 
@@ -45,8 +45,6 @@ def task_target(cfg: DictConfig) -> str:
 
 def backbone_for(cfg: DictConfig):
     """A callable model_cfg -> nn.Module with placeholder sizes, for the dry build."""
-    from hydra.utils import get_class
-
     _, backbone, placeholder = TASKS[task_target(cfg)]
     cls = get_class(backbone)
     return lambda model_cfg: cls(model_cfg, **placeholder)
@@ -54,11 +52,7 @@ def backbone_for(cfg: DictConfig):
 
 def task_for(cfg: DictConfig):
     """The task class, or with `task=` the class with that config's options bound (a partial)."""
-    from hydra.utils import get_class
-
     target = task_target(cfg)
     if cfg.get("task"):
-        from ethos.config import instantiate
-
         return instantiate(cfg.task, _partial_=True)
     return get_class(target)
