@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from ethos.config import CONF_DIR, register_resolvers
 from ethos.console import quiet_warnings
 from ethos.errors import ConfigError
-from ethos.rundir import read_status, run_dir_name, write_status
+from ethos.rundir import read_status, run_dir_name, swept_keys, write_status
 from ethos.study import train
 
 log = logging.getLogger("ethos")
@@ -62,10 +62,14 @@ def _main(cfg: DictConfig) -> float | None:
 
 def name_multirun(args: list[str]) -> None:
     """Hydra gives a multirun no name its jobs can read: name it after its overrides and pass that by
-    the environment (SLURM jobs inherit it), so that all its runs share one W&B group."""
+    the environment (SLURM jobs inherit it), so that all its runs share one W&B group. Its swept keys go the
+    same way (ETHOS_SWEPT): a run dir name that must be shortened keeps them whole (ethos/rundir.py)."""
     if "-m" in args or "--multirun" in args:
         overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith("hydra")]
         os.environ.setdefault("ETHOS_GROUP", run_dir_name(None, ",".join(overrides)))
+        os.environ["ETHOS_SWEPT"] = ",".join(swept_keys(args))
+    else:  # a single run's dir name depends on its own command line only
+        os.environ.pop("ETHOS_SWEPT", None)
 
 
 def main() -> None:

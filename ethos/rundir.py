@@ -18,6 +18,9 @@ import re
 import time
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
 from ethos.errors import ConfigError
 from ethos.files import atomic_write
 
@@ -28,13 +31,82 @@ RUN_STATE = ("checkpoints", "csv", "wandb", "wandb_id.txt", STATUS_FILE)  # what
 MAX_NAME = 120  # file-system limits leave room for this and the paths under it
 
 
-def run_dir_name(run_name: str | None, override_dirname: str) -> str:
-    """Stable run directory name: explicit run_name, else the overrides, else 'default'."""
+def run_dir_name(run_name: str | None, override_dirname: str, swept: str | list[str] | None = None) -> str:
+    """Stable run directory name: explicit run_name, else the overrides, else 'default'. A name over MAX_NAME
+    characters is shortened, ending in a hash of the whole: in a multirun (`swept`: the keys its command line
+    sweeps, ETHOS_SWEPT) the swept overrides stay whole, since they are what tell its runs apart, and the
+    overrides its runs share give way first; otherwise the name keeps a readable head."""
     name = run_name or override_dirname or "default"
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", name)
-    if len(name) > MAX_NAME:  # file-system limits: keep a readable head and a hash of the whole
-        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-    return name
+    safe = _safe(name)
+    if len(safe) <= MAX_NAME:
+        return safe
+    keys = set(swept.split(",") if isinstance(swept, str) else swept or ()) - {""}
+    if run_name or not keys:
+        return f"{safe[:100]}-{hashlib.sha1(safe.encode()).hexdigest()[:10]}"
+    # hashed as Hydra wrote it: two override sets that differ only where _safe puts "_" keep apart
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    room = MAX_NAME - len(digest) - 1
+    items = [(_key(item), _safe(item)) for item in override_items(override_dirname)]
+    kept = [i for i, (key, _) in enumerate(items) if key in keys]
+    length = sum(len(items[i][1]) + 1 for i in kept) - 1
+    if length > room:  # the swept values alone are too long: their head
+        return f"{','.join(items[i][1] for i in kept)[:room]}-{digest}"
+    for i, (key, text) in enumerate(items):  # then the shared ones that fit, in Hydra's order
+        if key not in keys and length + 1 + len(text) <= room:
+            kept.append(i)
+            length += 1 + len(text)
+    return f"{','.join(items[i][1] for i in sorted(kept))}-{digest}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "_", name)
+
+
+def _key(item: str) -> str:
+    """The key of a key=value item, without Hydra's +, ++ or ~ (a key holds no "=")."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
+def override_items(override_dirname: str) -> list[str]:
+    """The key=value items of Hydra's override_dirname (joined by ","): a comma inside brackets, braces,
+    parentheses or quotes, or escaped (\\,), is part of its value."""
+    items, start, depth, quote, escaped = [], 0, 0, None, False
+    for i, c in enumerate(override_dirname):
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "[{(":
+            depth += 1
+        elif c in "]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            items.append(override_dirname[start:i])
+            start = i + 1
+    return [*items, override_dirname[start:]]
+
+
+def swept_keys(args: list[str]) -> list[str]:
+    """The keys a multirun's command line sweeps (experiment=a,b; seed=range(3); model=glob(*)), as Hydra parses
+    them, sorted; Hydra's own (hydra/launcher=..., hydra.launcher.x=a,b) name no run. What `run_dir_name` keeps
+    whole, passed to the jobs as ETHOS_SWEPT."""
+    parser = OverridesParser.create()
+    keys = set()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:  # -m, --config-name and its value, ~key deletions
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException:  # Hydra itself reports it, in its words
+            continue
+        key = override.get_key_element().lstrip("+~")
+        if override.is_sweep_override() and not (key == "hydra" or key.startswith(("hydra.", "hydra/"))):
+            keys.add(key)
+    return sorted(keys)
 
 
 def run_dir_of(pretrained: str | Path) -> Path:

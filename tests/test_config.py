@@ -142,6 +142,9 @@ def test_run_dir_is_stable_and_safe():
     assert "/" not in run_dir_name(None, "data.path=/a/b")
     long = run_dir_name(None, "x" * 500)
     assert len(long) <= 120 and long == run_dir_name(None, "x" * 500)
+    dirname = f"data.path={'x' * 200},seed=1"
+    swept = run_dir_name(None, dirname, "seed")  # a multirun's: what it sweeps stays whole
+    assert len(swept) <= 120 and "seed=1" in swept and swept == run_dir_name(None, dirname, "seed")
 
 
 def test_precision_follows_device(tmp_path):

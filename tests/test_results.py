@@ -1,5 +1,6 @@
 """The study table (ethos.results): a real 2 variants x 2 seeds multirun with one failing job, and the
-table's numbers checked against the run dirs they came from."""
+table's numbers checked against the run dirs they came from; then groups named by what tells them apart, on run
+dirs written here."""
 
 import json
 import math
@@ -11,9 +12,10 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT
-from ethos.results import main as results_main
+from ethos.results.__main__ import main as results_main
 
 
 class FailFor(L.Callback):
@@ -127,8 +129,8 @@ def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
     """The MHA encoder at the reference study's sizes with a BERT-sized vocabulary: the table's counts are
     docs/param_counts.md's (total 14,138,938) and the attention count is 4 d^2 per layer."""
     from conftest import compose
-    from ethos.cli import train
     from ethos.results import gather
+    from ethos.study import train
 
     tok = bert_sized_tokenizer(tmp_path / "bert_sized")
     run = tmp_path / "study" / "mha"
@@ -178,3 +180,63 @@ def test_a_failed_fine_tune_is_marked_on_itself_and_leaves_its_run_done(cache_di
     assert ft["status"] == "failed" and "data.num_classes=2: the train split has labels 0..2" in ft["error"]
     runs = pd.read_csv(sweep / "results.csv")
     assert list(runs["status"]) == ["done"] and runs["downstream_acc"].isna().all()
+
+
+EXPERIMENTS = ["subspace_encoder_mha", "subspace_encoder_mla", "subspace_encoder_mla_o"]
+PROTOCOL = ("finetune_after.overrides=[" + ", ".join(  # as typed: spaces and commas inside the brackets
+    f'"{o}"' for o in ["optim.lr=2e-5", "optim.weight_decay=0.01", "data.batch_size=16", "data.eval_batch_size=64",
+                       "trainer.max_epochs=3", "trainer.max_steps=-1", "trainer.val_check_interval=500",
+                       "trainer.gradient_clip_val=1.0", "task.pooling=cls", "task.freeze=false",
+                       "model.dropout=0.1", "callbacks.model_checkpoint.save_top_k=1",
+                       "data.path=/scratch/datasets/glue", "data.tokenizer=/scratch/models/bert-base-uncased"]) + "]")
+
+
+def write_run(run, overrides: list[str], seed: int, losses: list[float], model: str) -> None:
+    """A run dir as a multirun job leaves it: Hydra's record, the resolved config, the CSV log, status.json;
+    and its fine-tune (finetune_after) inside it, composed in-process (no Hydra record)."""
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"hydra": {"overrides": {"task": overrides}, "runtime": {"choices": {"model": model}},
+                              "job": {"config": {"override_dirname": {"exclude_keys": ["logger", "run_name"]}}}}},
+                   run / ".hydra" / "hydra.yaml")
+    ft = run / "finetune" / "sst2"
+    for d, cfg, log in ((run, {"seed": seed}, {"val/loss": losses}),
+                        (ft, {"seed": seed, "pretrained": str(run)}, {"val/acc": [0.5, 0.8]})):
+        (d / "csv").mkdir(parents=True)
+        OmegaConf.save({"model": {"attn": {}}, **cfg}, d / "config_resolved.yaml")
+        pd.DataFrame({"step": range(len(next(iter(log.values())))), **log}).to_csv(d / "csv" / "metrics.csv",
+                                                                                  index=False)
+        (d / "status.json").write_text(json.dumps({"status": "done", "group": "study"}))
+
+
+def test_groups_are_named_by_what_differs_and_what_all_share_is_said_once(tmp_path):
+    from ethos.results import write_results
+    from ethos.results.plots import val_curves
+
+    for i, experiment in enumerate(EXPERIMENTS):
+        for seed in (1, 2):
+            overrides = [f"experiment={experiment}", f"seed={seed}", "data.batch_size=32", "finetune_after=sst2",
+                         PROTOCOL, "logger=csv"]
+            write_run(tmp_path / f"run{i}{seed}", overrides, seed, [5.0 - i, 4.0 - i - seed / 10],
+                      experiment.removeprefix("subspace_encoder_"))
+    df, groups = write_results(tmp_path, use_wandb=False)
+    assert len(df) == 6  # the fine-tunes are their runs' downstream_acc, not rows
+    assert sorted(groups["group"]) == [f"experiment={e}" for e in EXPERIMENTS]
+    assert list(groups["runs"]) == [2, 2, 2] and (df["downstream_acc"] == 0.8).all()
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("finetune_after.overrides=") == 1 and md.count("data.batch_size=32") == 1
+    assert "logger=csv" not in md  # not part of the run dir's name: not a difference between runs either
+    for experiment in EXPERIMENTS:
+        assert f"| experiment={experiment} " in md
+    fig = val_curves(df, tmp_path)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert sorted(t.get_text() for t in legend.get_texts()) == sorted(groups["group"])
+    (ax,) = fig.axes
+    caption = ax.get_title(loc="left")
+    assert "finetune_after.overrides=" in caption and "experiment=" not in caption
+    box = fig.bbox
+    for artist in (legend, ax, ax._left_title, fig._suptitle):  # everything inside the figure, nothing on another
+        extent = artist.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, artist
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())
+    assert not ax._left_title.get_window_extent().overlaps(fig._suptitle.get_window_extent())

@@ -34,8 +34,10 @@ def test_agent_command_trains_under_the_agents_run_id(cache_dir, tmp_path):
 
 def test_groups_for_sweeps_and_multiruns(tmp_path, monkeypatch):
     monkeypatch.delenv("ETHOS_GROUP", raising=False)
+    monkeypatch.setenv("ETHOS_SWEPT", "")  # set, so that the test's end restores its absence
     name_multirun(["-m", "model=mha,mla", "seed=1,2", "hydra/launcher=slurm", "hydra.launcher.partition=x"])
     assert os.environ["ETHOS_GROUP"] == "model=mha,mla,seed=1,2"
+    assert os.environ["ETHOS_SWEPT"] == "model,seed"  # what tells the runs apart, for their dir names
     cfg = compose(["logger=wandb"], output_dir=tmp_path)
     assert cfg.logger.wandb.group == "model=mha,mla,seed=1,2"
     monkeypatch.delenv("ETHOS_GROUP")
