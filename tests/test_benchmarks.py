@@ -36,6 +36,7 @@ def positive(rows: list[dict], *columns: str) -> None:
 TINY_ATTENTION = ("--d-model", "64", "--seq", "16", "--tokens", "64", "--warmup", "0", "--repeats", "1")
 
 
+@pytest.mark.slow
 def test_bench_attention(tmp_path):
     run("bench_attention.py", *TINY_ATTENTION, "--out", str(tmp_path / "attention"))
     rows = table(tmp_path / "attention.csv")
@@ -44,6 +45,7 @@ def test_bench_attention(tmp_path):
     assert (tmp_path / "attention.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_bench_attention_scores(tmp_path):
     run("bench_attention.py", "--scores", *TINY_ATTENTION, "--out", str(tmp_path / "attention"))
     rows = table(tmp_path / "attention_scores.csv")
@@ -51,6 +53,7 @@ def test_bench_attention_scores(tmp_path):
     positive(rows, "ms", "time_vs_softmax")
 
 
+@pytest.mark.slow
 def test_bench_experts(tmp_path):
     run("bench_experts.py", "--configs", "small", "--tokens", "64", "--warmup", "0", "--repeats", "1",
         "--out", str(tmp_path))
@@ -59,6 +62,7 @@ def test_bench_experts(tmp_path):
     positive(rows, "ms", "params_m", "speedup_vs_naive")
 
 
+@pytest.mark.slow
 def test_bench_backbones(tmp_path):
     run("bench_backbones.py", "--warmup", "0", "--repeats", "1", "--text-batch", "2", "--img-batch", "2",
         "--data-batches", "1", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "backbones"))
@@ -67,6 +71,7 @@ def test_bench_backbones(tmp_path):
     positive(rows, "ours_ms", "ref_ms", "speedup", "data_ms")
 
 
+@pytest.mark.slow
 def test_bench_data(tmp_path):
     run("bench_data.py", "--sizes", "1e4", "--source", "synthetic", "--batches", "5", "--old-batches", "1",
         "--stream-steps", "50", "--shuffle-buffer", "10", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path))
@@ -75,6 +80,7 @@ def test_bench_data(tmp_path):
     assert resume["first_batch_equal"] == "True" and int(resume["micro_batch"]) == 50
 
 
+@pytest.mark.slow
 def test_bench_ranks(tmp_path):
     run("bench_ranks.py", "--repeats", "2", "--batch", "4", "--layers", "2", "--out", str(tmp_path / "ranks"))
     rows = table(tmp_path / "ranks.csv")
@@ -83,6 +89,7 @@ def test_bench_ranks(tmp_path):
     positive(rows, "step_ms", "callback_ms", "overhead_pct")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_bench_spectra_agrees_with_its_dense_reference(tmp_path, dtype):
     """At a quarter of DeepSeek-V3's shapes, in FP8: the tool's singular values match the dense reference's of

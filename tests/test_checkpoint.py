@@ -45,18 +45,21 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_the_payload_would_run_without_weights_only(evil):  # the test's file really is dangerous
     path, marker = evil
     torch.load(path, weights_only=False)
     assert marker.read_text() == "ran"
 
 
+@pytest.mark.slow
 def test_our_checkpoints_load_with_weights_only(mha_run, vit_run):
     for run in (mha_run, vit_run):
         ckpt = checkpoint.load(run / "checkpoints" / "last.ckpt")
         assert ckpt["state_dict"] and ckpt["optimizer_states"] and ckpt["ethos"]["task"]
 
 
+@pytest.mark.slow
 def test_load_refuses_in_one_line(evil, tmp_path):
     path, marker = evil
     with pytest.raises(ConfigError) as e:
@@ -70,6 +73,7 @@ def test_load_refuses_in_one_line(evil, tmp_path):
             checkpoint.load(bad, key="ckpt_path")
 
 
+@pytest.mark.slow
 def test_load_task_and_load_backbone_refuse(evil):
     from ethos.pretrained import load_backbone, load_task
 
@@ -81,6 +85,7 @@ def test_load_task_and_load_backbone_refuse(evil):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_in_one_line_with_exit_code_2(evil, tmp_path):
     path, marker = evil
     text = tmp_path / "passwd"
@@ -101,6 +106,7 @@ def test_the_command_line_refuses_in_one_line_with_exit_code_2(evil, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_outside_its_run_dir_fails_in_one_line(mha_run, tmp_path):
     lone = tmp_path / "lone.ckpt"
     shutil.copy(mha_run / "checkpoints" / "last.ckpt", lone)

@@ -84,6 +84,7 @@ def test_task_clm_selects_decoder(tmp_path):
     assert isinstance(task, CausalLM) and type(task.model).__name__ == "Decoder"
 
 
+@pytest.mark.slow
 def test_short_clm_run_loss_falls(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i in range(2):

@@ -119,6 +119,7 @@ def warm_signatures(cache_dir, tmp_path_factory):
     assert (cache_dir / "signatures.pkl").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,expect", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
 def test_cli_prints_one_line_and_exits(overrides, expect, tmp_path, warm_signatures):
     res = run_cli([*overrides, "logger=csv"], cwd=tmp_path, timeout=120)

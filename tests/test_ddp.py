@@ -67,6 +67,7 @@ def one_process(out: Path, objective: str, steps: int = STEPS, extra=()) -> Path
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy,objective", [("ddp", "clm"), ("ddp", "mlm"), ("fsdp", "mlm")])
 def test_two_processes_train_as_one_with_the_global_batch(strategy, objective, ddp_run, cache_dir,
@@ -92,6 +93,7 @@ def stop_after(step: int) -> list[str]:
             "+callbacks.stopper.signal_name=SIGINT", "+callbacks.stopper.training=true"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_process_run_stopped_by_a_signal_resumes_exactly(ddp_run, tmp_path):
     stop = stop_after(2)
@@ -155,6 +157,7 @@ def test_val_check_interval_counts_optimizer_steps():
     assert in_batches(compose(["trainer.val_check_interval=0.5"]).trainer) == {}  # a fraction: no unit
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_run_moves_between_one_process_and_fsdp(cache_dir, tmp_path):
     """Checkpoints have one format whatever the strategy: a run started on 1 process, continued on 2 FSDP
@@ -172,6 +175,7 @@ def test_a_run_moves_between_one_process_and_fsdp(cache_dir, tmp_path):
                                opt_atol=1e-7)
 
 
+@pytest.mark.slow
 def test_attention_stats_over_two_processes(ddp_run):
     """Each rank measures the first rows of its own first validation batch; the run logs the mean of the ranks'
     averages and the largest of their max_activation. Checked against `measure` on each rank's rows, in one
@@ -204,6 +208,7 @@ def test_attention_stats_over_two_processes(ddp_run):
         assert float(logged[key]) == pytest.approx(reduce(per_rank[0][key], per_rank[1][key]), rel=1e-4), key
 
 
+@pytest.mark.slow
 def test_rank_callback_gathers_sharded_weights(tmp_path):
     """Under FSDP2 every rank gathers each layer's attention weights together and rank 0 measures them: the
     logged ranks at the last step equal those of the matrices built from the checkpoint (test_ranks.expected)."""

@@ -1,5 +1,6 @@
 """Resume details cluster runs hit: extending a finished run, the best checkpoint, resume=never."""
 
+import pytest
 import torch
 from test_train import metrics
 
@@ -16,6 +17,7 @@ def lrs(run_dir) -> dict[int, float]:
     return dict(m[key])
 
 
+@pytest.mark.slow
 def test_extension_continues_the_schedule_and_best_is_ranked_by_its_step(cache_dir, tmp_path):
     train(compose(BASE + ["trainer.max_steps=8"], output_dir=tmp_path))
     first = lrs(tmp_path)
@@ -40,6 +42,7 @@ def test_extension_continues_the_schedule_and_best_is_ranked_by_its_step(cache_d
     assert float(score) == loss
 
 
+@pytest.mark.slow
 def test_resume_never_starts_a_fresh_run(cache_dir, tmp_path):
     train(compose(BASE + ["trainer.max_steps=4", "logger=csv"], output_dir=tmp_path))
     train(compose(BASE + ["trainer.max_steps=3", "resume=never"], output_dir=tmp_path))

@@ -34,6 +34,7 @@ def test_docstring_kinds_are_balanced_and_split_by_file():
     assert len(data["train"]) > 5 * len(data["validation"]) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_pretrain_then_finetune_beats_the_majority_class(pretrained, tmp_path, capsys):
     import shutil
@@ -69,6 +70,7 @@ def classifier(overrides: list[str], pretrained, **kw) -> SequenceClassifier:
                               pretrained=str(pretrained), **kw)
 
 
+@pytest.mark.slow
 def test_backbone_starts_as_the_pretrained_one_tensor_for_tensor(pretrained):
     saved = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     task = classifier(["debug=tiny"], pretrained)
@@ -79,6 +81,7 @@ def test_backbone_starts_as_the_pretrained_one_tensor_for_tensor(pretrained):
     assert task.pretrained_from.endswith("last.ckpt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,named", [
     (["debug=tiny", "model=mla"], "only in the checkpoint: trunk.blocks.0.attn"),
     (["debug=tiny", "model.d_model=96"], "shapes differ: embed.weight (V, 64) vs (V, 96)"),
@@ -110,6 +113,7 @@ def glue_copy(root, task: str, columns: tuple[str, ...], n: int = 200):
     (root / "README.md").write_text("\n".join(header + ["---", "# glue (local copy)", ""]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,columns", [("sst2", ("sentence",)), ("mrpc", ("sentence1", "sentence2"))])
 def test_glue_schema_through_load_dataset(pretrained, tmp_path, task, columns):
     glue_copy(tmp_path / "glue", task, columns)
@@ -137,6 +141,7 @@ def test_bad_data_config_fails_before_loading():
                                      num_classes=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "parquet"])
 def test_local_files_in_every_format_read_the_same_rows(pretrained, tmp_path, suffix):
     # commas and quotes inside the text: a tab-separated file read as CSV would split or merge its fields
@@ -154,6 +159,7 @@ def test_local_files_in_every_format_read_the_same_rows(pretrained, tmp_path, su
     assert dm.load()["validation"].to_pandas()[list(rows.columns)].equals(rows)
 
 
+@pytest.mark.slow
 def test_task_and_data_must_agree_and_the_checkpoint_exist(tmp_path):
     from ethos.checks import check
 
@@ -177,6 +183,7 @@ def vit(vit_run):
 VIT_FT = {"probe": [], "classify": ["task.backbone_lr_scale=0.05"]}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("task", ["probe", "classify"])
@@ -199,6 +206,7 @@ def test_vit_probe_and_finetune_beat_chance(vit, task, seed, tmp_path, capsys):
     assert acc[-1][1] > 0.25, acc
 
 
+@pytest.mark.slow
 def test_vit_starts_from_the_pretrained_backbone_with_a_fresh_head(vit):
     from ethos.tasks.classify import ImageClassifier
 
@@ -215,6 +223,7 @@ def test_vit_starts_from_the_pretrained_backbone_with_a_fresh_head(vit):
 
 
 # -- self-describing checkpoints: the analysis tools rebuild a model from the checkpoint alone -----------------
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["pretrained", "vit"])
 def test_a_checkpoint_rebuilds_its_model_without_the_config(run, request):
     from ethos.pretrained import load_task
@@ -239,6 +248,7 @@ def test_a_checkpoint_rebuilds_its_model_without_the_config(run, request):
     assert type(task).__name__ == ("ImageClassifier" if run == "vit" else "MaskedLM")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_its_record_fails_in_one_line(pretrained, tmp_path):
     from ethos.pretrained import load_task
 
@@ -249,6 +259,7 @@ def test_a_checkpoint_without_its_record_fails_in_one_line(pretrained, tmp_path)
         load_task(tmp_path / "old.ckpt")
 
 
+@pytest.mark.slow
 def test_epochs_become_steps_and_validation_follows_each_pass(pretrained, tmp_path):
     rng = random.Random(0)
     for split, n in (("train", 72), ("validation", 20)):  # 72 // 16 = 4 steps per pass (drop last)
@@ -267,6 +278,7 @@ def test_epochs_become_steps_and_validation_follows_each_pass(pretrained, tmp_pa
         train(compose(["debug=tiny", "trainer.max_epochs=2"], output_dir=tmp_path / "pre"))
 
 
+@pytest.mark.slow
 def test_finetune_after_fails_in_one_line_before_pretraining(tmp_path):
     from ethos.checks import check
     from ethos.study import finetune_config

@@ -190,6 +190,7 @@ def test_closed_form_reads_the_config():
 
 
 # ---------------------------------------------------------------- throughput of a run
+@pytest.mark.slow
 def test_short_run_logs_throughput_from_the_closed_form(cache_dir, tmp_path, capsys):
     from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
     from test_train import metrics
@@ -220,6 +221,7 @@ def test_short_run_logs_throughput_from_the_closed_form(cache_dir, tmp_path, cap
     assert f"Total FLOPs: {get_human_readable_count(int(fwd_per_token * B * T))}" in out, out[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="MFU needs a CUDA device (its peak FLOP/s is known)")
 def test_gpu_run_logs_mfu(cache_dir, tmp_path):
     from lightning.fabric.utilities.throughput import get_available_flops

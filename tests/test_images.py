@@ -165,6 +165,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(tmp_path, caplog):
     assert kept == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_train_augmentation_is_a_function_of_the_batch_id(tmp_path):
     dm = ShapesDataModule(cache_dir=str(tmp_path), num_classes=3, train_per_class=8, val_per_class=2,
                           **{**COMMON, "auto_augment": "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0})
@@ -206,6 +207,7 @@ def metrics(run_dir: Path) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_short_shapes_run_learns(cache_dir, tmp_path):
     cfg = compose(["data=shapes", "debug=default", "logger=csv", "trainer.detect_anomaly=false",

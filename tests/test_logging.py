@@ -3,6 +3,8 @@
 import re
 from collections import Counter
 
+import pytest
+
 from conftest import run_cli
 
 HYDRA_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]\[[\w.]+\]\[(\w+)\] - (.*)$", re.M)
@@ -18,6 +20,7 @@ def messages(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_default_run_logs_each_message_once(cache_dir, tmp_path):
     res = run_cli(["debug=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2",
                    f"paths.log_dir={tmp_path}"], cwd=tmp_path, timeout=300)

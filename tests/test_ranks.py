@@ -54,6 +54,7 @@ def expected(state: dict, blocks, prefix: str = "model.trunk.blocks.") -> dict[s
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [["model=mha"], ["model=mla", "task=clm"]], ids=["mha_encoder", "mla_decoder"])
 def test_logged_ranks_equal_the_checkpoints(variant, cache_dir, tmp_path):
     from test_train import metrics

@@ -78,6 +78,7 @@ def test_smoke_swaps_in_the_offline_corpus_only(experiment, tmp_path):
     assert smoke.trainer.max_steps == 60
 
 
+@pytest.mark.slow
 def test_offline_stand_in_reads_the_python_docs(tmp_path):
     from ethos.data.hub import WikiText103DataModule
 
@@ -88,6 +89,7 @@ def test_offline_stand_in_reads_the_python_docs(tmp_path):
     assert next(iter(streamed["train"]))["text"] == docs["train"][0]["text"]
 
 
+@pytest.mark.slow
 def test_vit_recipe_and_its_offline_smoke_run(tmp_path):
     from ethos.study import train
 

@@ -46,6 +46,7 @@ def sweep(cache_dir, tmp_path_factory):
     return tmp / "train" / "multiruns"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_multirun_writes_its_table_with_the_failure_marked(sweep):
     runs = pd.read_csv(sweep / "results.csv")
@@ -88,6 +89,7 @@ def test_multirun_writes_its_table_with_the_failure_marked(sweep):
     assert (sweep / "val_curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_the_command_line_rewrites_the_table_and_filters_a_multirun(sweep, tmp_path, capsys):
     results_main([str(sweep), "--no-wandb"])
     assert "4 runs" in capsys.readouterr().out
@@ -124,6 +126,7 @@ def bert_sized_tokenizer(path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
     """The MHA encoder at the reference study's sizes with a BERT-sized vocabulary: the table's counts are
@@ -146,6 +149,7 @@ def test_the_table_reports_the_documented_parameter_counts(cache_dir, tmp_path):
     assert row["params_non_embedding"] == 14_138_938 - 30522 * 256
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_swept_task_name_gets_its_table_where_its_runs_are(cache_dir, tmp_path):
     """Each experiment names its own run dirs (task_name): sweeping experiments, the runs are not in the
@@ -164,6 +168,7 @@ def test_a_swept_task_name_gets_its_table_where_its_runs_are(cache_dir, tmp_path
     assert not (tmp_path / "train" / "multiruns" / "results.csv").exists()  # no empty table where nothing ran
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_failed_fine_tune_is_marked_on_itself_and_leaves_its_run_done(cache_dir, tmp_path):
     # a protocol that breaks at its first step: 3 docstring kinds, a head for 2 classes

@@ -35,6 +35,7 @@ def stacked_w_o(state: dict, layer: int) -> torch.Tensor:
     return state[f"model.trunk.blocks.{layer}.attn.out.weight"].double().T
 
 
+@pytest.mark.slow
 def test_errors_are_the_svd_tails_and_activation_aware_wins_on_its_objective(mla_run, tmp_path):
     report = retrofit(str(mla_run), [1, 4, 16, 64], tmp_path, activation_aware=True, calib_batches=4)
     df = pd.DataFrame(report["rows"])
@@ -56,6 +57,7 @@ def test_errors_are_the_svd_tails_and_activation_aware_wins_on_its_objective(mla
     assert df["break_even_rank"].iloc[0] == break_even(64, 64) == 32
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_written_mla_o_runs_load_in_a_fine_tune_and_in_continued_pretraining(mla_run, tmp_path, capsys):
     out = tmp_path / "retro"
@@ -105,6 +107,7 @@ def test_a_hf_checkpoint_gets_the_weight_table_and_one_line_errors(tmp_path, cap
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_the_readme_retrofit_command_runs(mla_run, tmp_path, monkeypatch):
     """The README's command, run where its SOURCE exists (our tiny MLA run at outputs/train/runs/mla)."""
     import re

@@ -159,6 +159,7 @@ def text_cfg(tmp: Path, glob: str, out: Path, steps: int, extra=()) -> object:
                     "print_config=false", *extra], output_dir=out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_map_style_resume_across_a_pass_boundary(tmp_path):
     glob = write_corpus(tmp_path / "corpus", 1, 200)
@@ -176,6 +177,7 @@ def test_map_style_resume_across_a_pass_boundary(tmp_path):
     assert_same_training_state(tmp_path / "straight/checkpoints/last.ckpt", tmp_path / "split/checkpoints/last.ckpt")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("workers", [0, 1])
 def test_streaming_resume_from_every_kind_of_checkpoint(tmp_path, workers):

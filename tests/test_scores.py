@@ -313,6 +313,7 @@ def test_closed_forms_count_gates_and_sinks():
 
 
 # ---------------------------------------------------------------- training on the offline default
+@pytest.mark.slow
 @pytest.mark.parametrize("score", SCORES)
 def test_short_run_trains_and_logs_artifacts(score, cache_dir, tmp_path):
     """Each score function (sink and sigmoid with a gate, to train those parameters too) learns on the

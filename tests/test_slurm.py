@@ -45,6 +45,7 @@ def job_logs(sweep: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(sweep.glob(".submitit/*/*.out")))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_during_validation_saves_and_exits_nonzero(cache_dir, tmp_path):
     common = [*TINY, *EXACT, "trainer.val_check_interval=5", "run_name=sigval", f"paths.log_dir={tmp_path}"]
@@ -64,6 +65,7 @@ def test_sigterm_during_validation_saves_and_exits_nonzero(cache_dir, tmp_path):
     assert steps == sorted(set(steps)) and len(steps) == 15, steps  # every step once
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_during_training_resumes_with_the_same_log(cache_dir, tmp_path):
     """A stop mid-training must not change what the resumed run logs: every step once, validation at the

@@ -306,6 +306,7 @@ def ethos_matrices(block) -> dict:
             "vo": [v[h] @ o[h] for h in range(H)], **extra}
 
 
+@pytest.mark.slow
 def test_ethos_run_every_singular_value(ethos_run, tmp_path):
     from ethos.models.attention import MHA, MLA
     from ethos.pretrained import load_task
@@ -510,6 +511,7 @@ def readme_commands() -> list[list[str]]:
             for m in re.finditer(r"^python -m ethos\.analysis\.spectra (.*)$", block, flags=re.M)]
 
 
+@pytest.mark.slow
 def test_readme_commands_run(ethos_run, tmp_path, monkeypatch):
     """Each documented command, run from a directory where its SOURCE exists: the README's pretraining run
     (outputs/train/runs/default, our tiny MLA run) or, for a hub repo id, a tiny stand-in of its architecture."""

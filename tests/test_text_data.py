@@ -176,6 +176,7 @@ def test_hub_unreachable_fails_fast(tmp_path, monkeypatch):
     assert isinstance(err.value, ConfigError)  # cli prints it as one line, exit code 2
 
 
+@pytest.mark.slow
 def test_cli_data_wiki_offline_one_line(tmp_path):
     res = run_cli(["data=wiki", "logger=csv", "print_config=false"], cwd=tmp_path, timeout=120,
                   env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
@@ -341,6 +342,7 @@ def test_streaming_resume_under_ddp_restores_every_rank(tmp_path):
     assert not torch.equal(r0["first"], r1["first"])  # the ranks read different shards
 
 
+@pytest.mark.slow
 def test_short_run_text_files_loss_falls(tmp_path):
     (tmp_path / "corpus").mkdir()
     for i in range(3):

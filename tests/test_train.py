@@ -26,6 +26,7 @@ def metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+@pytest.mark.slow
 def test_short_run_loss_falls(cache_dir, tmp_path):
     cfg = compose(TINY + ["trainer.max_steps=60", "trainer.val_check_interval=20", "optim.lr=2e-3"],
                   output_dir=tmp_path)
@@ -48,6 +49,7 @@ def _resume_cfg(out: Path, steps: int):
                            "optim.warmup=0"], output_dir=out)
 
 
+@pytest.mark.slow
 def test_resume_continues_with_identical_state(cache_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(_resume_cfg(straight, 10))
@@ -63,6 +65,7 @@ def test_resume_continues_with_identical_state(cache_dir, tmp_path):
     assert (split / "wandb_id.txt").exists() is False  # csv logger: no W&B state written
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
     common = [sys.executable, str(ROOT / "train.py"), *TINY, "callbacks.checkpoint.every_n_train_steps=5",
@@ -96,6 +99,7 @@ def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped + 3
 
 
+@pytest.mark.slow
 def test_multirun_goes_on_after_a_failed_job(cache_dir, tmp_path):
     res = run_cli(["-m", *TINY, "trainer.max_steps=3", "model.n_heads=7,4", f"paths.log_dir={tmp_path}"],
                   cwd=tmp_path, timeout=300)

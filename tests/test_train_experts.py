@@ -13,6 +13,7 @@ from ethos.tasks.mlm import MaskedLM
 SMALL = ["debug=tiny", "logger=csv", "model.ffn.num_experts=1024", "model.ffn.d_query=32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,extra", [("ethos", ["model.ffn.d_latent=16", "model.ffn.d_hidden=48"]),
                                          ("peer", [])])
 def test_every_expert_tensor_gets_a_gradient(model, extra, cache_dir, tmp_path):
@@ -34,6 +35,7 @@ def test_every_expert_tensor_gets_a_gradient(model, extra, cache_dir, tmp_path):
         assert 0 < layer.stats["expert_usage"] <= 1
 
 
+@pytest.mark.slow
 def test_ethos_model_trains(cache_dir, tmp_path):
     cfg = compose(["model=ethos", *SMALL, "model.ffn.d_latent=16", "model.ffn.d_hidden=48",
                    "trainer.max_steps=40", "trainer.val_check_interval=20", "optim.lr=2e-3"], output_dir=tmp_path)
@@ -46,6 +48,7 @@ def test_ethos_model_trains(cache_dir, tmp_path):
     assert usage and all(0 < u <= 1 for u in usage)
 
 
+@pytest.mark.slow
 def test_triton_without_gpu_is_one_clear_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the triton path is valid here")

@@ -13,6 +13,7 @@ from ethos.config import instantiate
 from ethos.loggers import wandb_logger
 
 
+@pytest.mark.slow
 def test_agent_command_trains_under_the_agents_run_id(cache_dir, tmp_path):
     """The sweep file's command, expanded as `wandb agent` expands it, with the agent's environment."""
     spec = yaml.safe_load((ROOT / "sweeps" / "wandb_attention.yaml").read_text())
