@@ -115,3 +115,21 @@ def test_a_checkpoint_outside_its_run_dir_fails_in_one_line(mha_run, tmp_path):
     assert r.returncode == 2 and "data.tokenizer" in one_line(r.stderr), r.stderr
     assert f"pretrained={lone}" in r.stderr
 
+
+
+@pytest.mark.slow
+def test_the_analysis_readers_refuse_in_one_line(evil, tmp_path, capsys):
+    """The spectra tool, the retrofit and the ranks' reader (EthosSource) read ethos runs through load_task."""
+    from ethos.analysis import retrofit, spectra
+    from ethos.analysis.ethos_runs import EthosSource
+
+    path, marker = evil
+    with pytest.raises(ConfigError, match="refused"):
+        EthosSource(path)
+    for main, args in ((spectra.main, [str(path), "--out", str(tmp_path / "s")]),
+                       (retrofit.main, [str(path), "--ranks", "4", "--out", str(tmp_path / "r")])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2 and "refused" in one_line(capsys.readouterr().err)
+    assert not marker.exists()

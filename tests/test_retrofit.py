@@ -23,11 +23,6 @@ PRE = ["debug=tiny", "model=mla", "logger=csv", "print_config=false", "trainer.m
        "trainer.val_check_interval=30"]
 
 
-@pytest.fixture(scope="module")
-def mla_run(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mla")
-    train(compose(PRE, output_dir=out))
-    return out
 
 
 def stacked_w_o(state: dict, layer: int) -> torch.Tensor:
