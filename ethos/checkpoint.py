@@ -22,7 +22,7 @@ ALLOWED: list = []
 def allow() -> None:
     """Register `ALLOWED` with torch; Lightning's own resume (trainer.fit(weights_only=True)) honours it too."""
     if ALLOWED:
-        import torch
+        import torch  # 3 s: this module is imported before a config is checked (ethos/checks.py)
 
         torch.serialization.add_safe_globals(ALLOWED)
 
@@ -46,7 +46,7 @@ def check_file(path: str | Path, key: str) -> Path:
 def load(path: str | Path, key: str = "checkpoint", map_location="cpu", mmap: bool = False) -> dict:
     """The checkpoint dict at `path`, read with weights_only=True. `key` names the config key or argument the
     path came from, for the error line."""
-    import torch
+    import torch  # see allow()
 
     path = check_file(path, key)
     allow()

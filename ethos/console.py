@@ -4,6 +4,9 @@ import logging
 import warnings
 
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.tree import Tree
 
 
 def quiet_warnings() -> None:
@@ -18,10 +21,6 @@ def quiet_warnings() -> None:
 
 
 def print_config(cfg: DictConfig) -> None:
-    from rich.console import Console
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
     tree = Tree("config", guide_style="dim")
     for key, value in cfg.items():
         text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)

@@ -14,9 +14,10 @@ under DDP, FSDP or one process alike, on any world size.
 
 from pathlib import Path
 
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from ethos import checkpoint
 
 
 class FSDP(ModelParallelStrategy):
@@ -36,6 +37,7 @@ class FSDP(ModelParallelStrategy):
         return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
     def optimizer_state(self, optimizer) -> dict:
+        # torch.distributed's modules: only under trainer=fsdp (torch builds without distributed lack them)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
@@ -49,14 +51,14 @@ class FSDP(ModelParallelStrategy):
                 "param_groups": [{**g, "params": [pos[n] for n in g["params"]]} for g in full["param_groups"]]}
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
+        from torch.distributed.checkpoint.state_dict import (  # see optimizer_state
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
         path = Path(self.broadcast(checkpoint_path))
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+        ckpt = checkpoint.load(path, key="ckpt_path", mmap=True)  # weights only, whatever Lightning asks for
         options = StateDictOptions(full_state_dict=True, strict=self.lightning_module.strict_loading)
         set_model_state_dict(self.model, ckpt.pop("state_dict"), options=options)  # each rank keeps its shards
         for optimizer, saved in zip(self.optimizers, ckpt.get("optimizer_states", [])):
@@ -72,7 +74,7 @@ def shard(model: nn.Module, mesh) -> None:
     """One FSDP unit per transformer block, then the rest (embeddings, heads, final norm) in the root unit, as
     torchtitan does: each block's parameters are gathered just before it runs and freed after. Idempotent
     (Lightning calls configure_model for validate and again for fit)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard  # see FSDP.optimizer_state
 
     if isinstance(model, FSDPModule):
         return

@@ -40,6 +40,7 @@ from ethos.data.hub import TextFilesDataModule
 from ethos.data.sampling import StepBatchSampler
 from ethos.data.text import TextDataModule
 from ethos.data.tokenizer import train_tokenizer
+from ethos.files import atomic_path
 
 WORDS = ("the a of and to in is was for on that with as by at from his her it an were are which this be "
          "city river music war school film team album season game station church village player band "
@@ -77,12 +78,10 @@ def write_arrow(path: Path, n: int, seq_len: int, vocab: int, chunk: int = 1_000
     """n random blocks as one arrow stream file (fixed-size uint16 lists: no offsets to overflow)."""
     schema = pa.schema([pa.field("input_ids", pa.list_(pa.uint16(), seq_len))])
     rng = np.random.default_rng(0)
-    tmp = path.with_suffix(".partial")
-    with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, schema) as w:
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, schema) as w:
         for s in tqdm(range(0, n, chunk), desc=f"write {n:,} blocks", unit="M", leave=False):
             vals = pa.array(rng.integers(5, vocab, size=min(chunk, n - s) * seq_len, dtype=np.uint16))
             w.write_batch(pa.record_batch([pa.FixedSizeListArray.from_arrays(vals, seq_len)], schema=schema))
-    tmp.rename(path)
 
 
 def blocks_source(kind: str, n: int, seq_len: int, vocab: int, data_dir: Path):

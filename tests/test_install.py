@@ -2,6 +2,7 @@
 directory with the configs it carries, and a user's own config directory joins through Hydra's search path."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +19,14 @@ pytestmark = pytest.mark.slow
 def installed(tmp_path_factory):
     """`pip install --no-deps --target` of the wheel: the package and its console script, nothing of the checkout."""
     tmp = tmp_path_factory.mktemp("install")
-    wheels, target = tmp / "wheels", tmp / "site"
+    wheels, target, source = tmp / "wheels", tmp / "site", tmp / "source"
+    # what a build reads, copied: setuptools builds in the source tree (build/), whose stale files would otherwise
+    # end up in the wheel, and whose leftovers would end up in the checkout
+    shutil.copytree(ROOT / "ethos", source / "ethos", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+                    str(wheels), str(source)], check=True, capture_output=True, text=True, timeout=600)
     (wheel,) = wheels.glob("ethos-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, text=True, timeout=600)

@@ -204,7 +204,7 @@ if tl is not None:
 @functools.cache
 def _kernels(interpret: bool):
     if interpret:
-        from triton.runtime.interpreter import InterpretedFunction as wrap
+        from triton.runtime.interpreter import InterpretedFunction as wrap  # only under TRITON_INTERPRET=1
     else:
         wrap = triton.jit
     return wrap(_mix_fwd), wrap(_mix_bwd)

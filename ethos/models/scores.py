@@ -133,7 +133,7 @@ def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_
 # ---------------------------------------------------------------- FlexAttention for sigmoid and relu
 @functools.cache
 def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # only where FlexAttention runs (CUDA)
 
     return torch.compile(flex_attention, dynamic=False)
 
@@ -144,7 +144,7 @@ def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: b
     m(s) = log p(s) (log sigmoid(s + b), or log relu(s): -inf at s <= 0) the weights e^m are p, and the
     unnormalised sum is o * exp(lse); relu then divides by n. A row whose weights are all 0 comes back
     with o = 0 and lse = -inf: zero, not NaN."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention  # see above
 
     B, H, T, _ = q.shape
     allowed = allowed_keys(attn_mask, is_causal, T, q.device)
