@@ -26,16 +26,13 @@ def start_point(cfg: DictConfig, out_dir: Path) -> tuple[str | None, str | None]
     ckpt = find_resume_ckpt(cfg.ckpt_path, cfg.resume, out_dir)
     if ckpt is None:
         return None, None
-    key = "ckpt_path" if cfg.ckpt_path else "resume"
-    if cfg.ckpt_path and "optimizer_states" not in checkpoint.load(ckpt, key=key, mmap=True):
-        last = out_dir / "checkpoints" / "last.ckpt"
-        own = str(last) if cfg.resume == "auto" and last.is_file() else None
-        if own:
-            checkpoint.load(own, key="resume", mmap=True)
-        return own, ckpt
-    if not cfg.ckpt_path:
-        checkpoint.load(ckpt, key=key, mmap=True)
-    return ckpt, None
+    state = checkpoint.load(ckpt, key="ckpt_path" if cfg.ckpt_path else "resume", mmap=True)
+    if not cfg.ckpt_path or "optimizer_states" in state:
+        return ckpt, None
+    own = find_resume_ckpt(None, cfg.resume, out_dir)  # weights only: the run's own last.ckpt, once it has one
+    if own:
+        checkpoint.load(own, key="resume", mmap=True)
+    return own, ckpt
 
 
 def in_batches(trainer_cfg: DictConfig) -> dict:
@@ -82,8 +79,9 @@ def finish_wandb() -> None:
             log.warning(f"W&B did not finish cleanly: {e!r}")
 
 
-def fit(cfg: DictConfig) -> float | None:
-    model_cfg, optim = check(cfg)
+def fit(cfg: DictConfig, checked: tuple | None = None) -> float | None:
+    """`checked`: what `check(cfg)` returned, when the caller has already checked it."""
+    model_cfg, optim = checked or check(cfg)
     if cfg.get("pretrained"):  # before any data is read
         check_pretrained(cfg)
     one_line_per_message()

@@ -63,16 +63,15 @@ def finetune_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
 def train(cfg: DictConfig) -> float | None:
     """One run; with `finetune_after`, then the fine-tune of what it trained. The fine-tune's config is checked
     before pretraining starts, not after hours of it. Returns the pretraining's final val/loss."""
-    ft = None
-    if cfg.get("finetune_after"):
-        check(cfg)  # the pretraining's own mistakes are reported first
-        ft = finetune_config(cfg, Path(cfg.paths.output_dir))
-        check(ft)
-    metric = fit(cfg)
-    if ft is not None:
-        try:
-            train(ft)
-        except Exception as e:  # marked on the fine-tune; the pretraining run stays done (ethos/cli.py)
-            write_status(Path(ft.paths.output_dir), "failed", error=f"{type(e).__name__}: {e}")
-            raise
+    checked = check(cfg)  # the pretraining's own mistakes are reported first
+    if not cfg.get("finetune_after"):
+        return fit(cfg, checked)
+    ft = finetune_config(cfg, Path(cfg.paths.output_dir))  # its own finetune_after is null: one level only
+    ft_checked = check(ft)
+    metric = fit(cfg, checked)
+    try:
+        fit(ft, ft_checked)
+    except Exception as e:  # marked on the fine-tune; the pretraining run stays done (ethos/cli.py)
+        write_status(Path(ft.paths.output_dir), "failed", error=f"{type(e).__name__}: {e}")
+        raise
     return metric
