@@ -1,8 +1,9 @@
-"""Attention variants sharing one call signature: forward(x, attn_mask=None, is_causal=False, rope=None).
+"""Attention variants sharing one call signature: forward(x, attn_mask=None, is_causal=False, rope=None, docs=None).
 
 `attn_mask` is a (B, T) bool padding mask, True = real token. `rope` is the (cos, sin) pair the trunk
 computes once per forward for all its layers (ethos.models.rope); standalone calls may leave it out
-and the module builds the same tables itself. Every module gets the same common
+and the module builds the same tables itself. `docs` (ethos.models.scores.Docs, document masking) keeps
+each token's attention within its own packed document. Every module gets the same common
 constructor arguments from the backbone (d_model, n_heads, head_dim, rope_dims, rope_theta,
 rope_interleave, max_seq_len, dropout); variant-specific ones come from the model config.
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from ethos.errors import ConfigError
 from ethos.models.rope import Rope, apply_rope, rope_tables
-from ethos.models.scores import Attend, Gate, Score, sdpa_mask  # noqa: F401 - sdpa_mask: its old home
+from ethos.models.scores import Attend, Docs, Gate, Score, sdpa_mask  # noqa: F401 - sdpa_mask: its old home
 from ethos.types import PositiveFloat, PositiveInt
 
 RopeStyle = Literal["partial", "decoupled"]
@@ -73,13 +74,13 @@ class MHA(nn.Module):
                 + Attend.flops(d_model, n_heads, d_h, d_h, score, gate))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                rope: Rope | None = None) -> Tensor:
+                rope: Rope | None = None, docs: Docs | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.rope_dims:
             rope = _tables(rope, self.rope_dims, self.rope_theta, q)
             q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
-        return self.out(self.attend(x, q, k, v, attn_mask, is_causal, dropout_p=self.dropout))
+        return self.out(self.attend(x, q, k, v, attn_mask, is_causal, dropout_p=self.dropout, docs=docs))
 
 
 class MLA(nn.Module):
@@ -166,7 +167,7 @@ class MLA(nn.Module):
         return self.out(o)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                rope: Rope | None = None) -> Tensor:
+                rope: Rope | None = None, docs: Docs | None = None) -> Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         q, c_kv, k_r = self.qkv_a(x).split(self.split, dim=-1)
@@ -184,7 +185,7 @@ class MLA(nn.Module):
             k = torch.cat((k, k_r), dim=-1)
         elif self.rope_dims:  # partial: rotate the first rope_dims channels of every q and k head
             q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
-        return self.project_out(self.attend(x, q, k, v, attn_mask, is_causal, self.scale, self.dropout))
+        return self.project_out(self.attend(x, q, k, v, attn_mask, is_causal, self.scale, self.dropout, docs))
 
 
 class MLAO(MLA):

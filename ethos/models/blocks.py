@@ -3,10 +3,12 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ethos.models.config import ModelConfig
 from ethos.models.rope import Rope, Rotary
+from ethos.models.scores import Docs, docs_mask
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -49,8 +51,8 @@ class Block(nn.Module):
                 + closed_form(ffn, "flops", d_model=cfg.d_model, tokens=tokens))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                rope: Rope | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope))
+                rope: Rope | None = None, docs: Docs | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, docs=docs))
         return x + self.drop(self.ffn(self.ffn_norm(x), pad_mask=attn_mask))
 
 
@@ -70,7 +72,7 @@ class Trunk(nn.Module):
             mark_residual_outputs(block)
             for m in (block.attn, block.ffn):
                 if not getattr(m, "custom_init", False):  # experts keep their own scheme
-                    m.apply(lambda mod: init_linear(mod, cfg.n_layers))
+                    m.apply(lambda mod: init_linear(mod, cfg.n_layers, cfg.zero_init))
 
     @staticmethod
     def flops(cfg: ModelConfig, seq_len: int, tokens: int) -> float:
@@ -78,7 +80,8 @@ class Trunk(nn.Module):
         return sum(Block.flops(cfg, i, seq_len, tokens) for i in range(cfg.n_layers))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, docs: Docs | None = None) -> Tensor:
+        """`positions` (B, T) restart RoPE at every document; `docs` keeps attention within documents."""
         rope = None
         if self.rope is not None:
             # q and k come out of the attention projections: under autocast in its dtype, not x's
@@ -86,22 +89,29 @@ class Trunk(nn.Module):
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             rope = self.rope(x.shape[1], dtype, positions)
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope, docs=docs)
         return self.norm(x)
 
 
-def init_linear(m: nn.Module, n_layers: int) -> None:
+def init_linear(m: nn.Module, n_layers: int, zero_out: bool = False) -> None:
     # GPT-2 style: N(0, 0.02); projections that write into the residual stream are scaled down by
-    # sqrt(2 * n_layers) so that the residual variance does not grow with depth
+    # sqrt(2 * n_layers) so that the residual variance does not grow with depth. `zero_out` (model.zero_init,
+    # modded-nanogpt / nanochat) starts them at zero instead: every block starts as the identity, and the
+    # first step's gradient reaches those matrices only (the others get theirs from the second step on)
     if isinstance(m, nn.Linear):
-        std = 0.02 / math.sqrt(2 * n_layers) if getattr(m, "residual_out", False) else 0.02
-        nn.init.normal_(m.weight, std=std)
+        residual = getattr(m, "residual_out", False)
+        if residual and zero_out:
+            nn.init.zeros_(m.weight)
+        else:
+            nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
 
-def count_params(model: nn.Module, embedding_names: tuple[str, ...] = ("embed", "pos_embed")) -> dict[str, int]:
-    """Total, non-embedding and attention parameter counts (tied weights counted once)."""
+def count_params(model: nn.Module, embedding_names: tuple[str, ...] = ("embed", "pos_embed", "lm_head")
+                 ) -> dict[str, int]:
+    """Total, non-embedding and attention parameter counts (tied weights counted once; an untied vocabulary
+    head counts as embedding, as Kaplan et al.'s non-embedding N excludes both vocabulary matrices)."""
     seen, total, emb, attn = set(), 0, 0, 0
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -125,8 +135,8 @@ def mark_residual_outputs(module: nn.Module) -> None:
 
 
 class TextBackbone(nn.Module):
-    """Token embedding (+ optional learned positions) and the trunk; the encoder and the decoder
-    differ only in `causal` and their heads."""
+    """Token embedding (+ optional learned positions), the trunk and the vocabulary head (tied to the embedding
+    unless model.tie_embeddings=false); the encoder and the decoder differ only in `causal` and their heads."""
 
     causal = False
 
@@ -138,21 +148,36 @@ class TextBackbone(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_pos else None
         self.trunk = Trunk(cfg)  # ends in the final norm
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=0.02)
+        if self.lm_head is not None:  # zero with model.zero_init (modded-nanogpt): the first logits are uniform
+            nn.init.zeros_(self.lm_head.weight) if cfg.zero_init else nn.init.normal_(self.lm_head.weight, std=0.02)
 
     def flops_per_token(self, seq_len: int, batch_size: int, head_fraction: float) -> float:
-        """Forward FLOPs per token position: the trunk, plus the tied vocabulary head at the fraction of
+        """Forward FLOPs per token position: the trunk, plus the vocabulary head at the fraction of
         positions it runs on (embedding lookups and position adds are not FLOPs by our convention)."""
         V, d = self.embed.weight.shape
         return Trunk.flops(self.cfg, seq_len, seq_len * batch_size) + head_fraction * 2 * d * V
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Hidden states (B, T, d) after the final norm."""
+    def unembed(self, hidden: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Vocabulary logits; with model.logit_softcap c, c * tanh(logits / c) (Gemma 2): bounded logits."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight, bias)
+        cap = self.cfg.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """Hidden states (B, T, d) after the final norm. `doc_ids` (B, T) (document masking, padding a document
+        of its own) keep attention within each packed document; `positions` (B, T) restart at each one."""
         x = self.embed(input_ids)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device))
+            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device)
+                                   if positions is None else positions)
+        # built here, outside a compiled trunk: once per batch, shared by every layer
+        docs = None if doc_ids is None else docs_mask(doc_ids, attention_mask, self.causal)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # packed blocks have no padding: keep SDPA's fastest path
-        return self.trunk(x, attn_mask=attention_mask, is_causal=self.causal)
+        return self.trunk(x, attn_mask=attention_mask, is_causal=self.causal, positions=positions, docs=docs)

@@ -33,6 +33,10 @@ class ModelConfig:
     norm_eps: PositiveFloat = 1e-6
     dropout: HalfOpenUnit = 0.0
     compile: bool = False  # torch.compile the backbone blocks
+    # the modern decoder baseline (docs/design.md §10), each off by default
+    tie_embeddings: bool = True  # false: a vocabulary head of its own (text backbones)
+    logit_softcap: PositiveFloat | None = None  # c * tanh(logits / c) on the vocabulary logits (Gemma 2)
+    zero_init: bool = False  # zero-initialise the projections into the residual stream, and an untied head
 
     def __post_init__(self):
         # types and ranges are in the annotations (checked by ethos.config.validate); rules across keys here

@@ -1,4 +1,4 @@
-"""Causal decoder (GPT-style): token embedding, the shared pre-norm trunk run causally, tied LM head."""
+"""Causal decoder (GPT-style): token embedding, the shared pre-norm trunk run causally, the LM head."""
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,13 +15,14 @@ class Decoder(TextBackbone):
         return super().flops_per_token(seq_len, batch_size, (seq_len - 1) / seq_len)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.embed.weight)  # tied to the input embedding
+        return self.unembed(hidden)
 
-    def clm_loss(self, input_ids: Tensor, attention_mask: Tensor | None,
-                 labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Next-token cross-entropy: position t predicts labels[t + 1]; -100 labels (padding) are
-        ignored by position, whatever the pad id. Returns (mean loss, correct, counted tokens)."""
-        hidden = self(input_ids, attention_mask)[:, :-1]
+    def clm_loss(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                 doc_ids: Tensor | None = None, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Next-token cross-entropy: position t predicts labels[t + 1]; -100 labels (padding, and with
+        document masking the first token of each document) are ignored by position, whatever the pad id.
+        Returns (mean loss, correct, counted tokens)."""
+        hidden = self(input_ids, attention_mask, doc_ids, positions)[:, :-1]
         target = labels[:, 1:]
         sel = target != -100
         logits = self.logits(hidden[sel])  # only counted positions go through the vocabulary head

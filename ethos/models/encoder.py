@@ -1,4 +1,4 @@
-"""BERT-style encoder for masked LM: embeddings, pre-norm trunk, MLM head tied to the embeddings."""
+"""BERT-style encoder for masked LM: embeddings, pre-norm trunk, MLM head (tied to the embeddings by default)."""
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +20,16 @@ class Encoder(TextBackbone):
         return super().flops_per_token(seq_len, batch_size, mask_fraction)
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.embed.weight, self.mlm_bias)
+        return self.unembed(hidden, self.mlm_bias)
 
-    def mlm_loss(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def mlm_loss(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                 doc_ids: Tensor | None = None, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Cross-entropy over masked positions only; returns (loss, number of correct predictions).
 
         Only the ~15% masked positions go through the vocabulary projection: the head is most of an
         MLM step's cost at BERT vocabulary sizes.
         """
-        hidden = self(input_ids, attention_mask)
+        hidden = self(input_ids, attention_mask, doc_ids, positions)
         sel = labels != -100
         logits = self.mlm_logits(hidden[sel])
         target = labels[sel]

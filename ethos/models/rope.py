@@ -73,7 +73,11 @@ class Rotary(nn.Module):
 
     def forward(self, seq_len: int, dtype: torch.dtype, positions: Tensor | None = None) -> Rope:
         """(cos, sin) for positions 0..seq_len-1 (or `positions`, (T,) or (B, T)) in `dtype`."""
-        needed = seq_len if positions is None else int(positions.max()) + 1
+        needed = seq_len
+        if positions is not None and not torch.compiler.is_compiling():
+            # a compiled graph must not read data (a graph break): there positions must lie below
+            # max(max_seq_len, seq_len), as document-restarted positions always do
+            needed = max(needed, int(positions.max()) + 1)
         if needed > self.cos.shape[0]:
             self._build(needed, device=self.cos.device)
         if positions is None:

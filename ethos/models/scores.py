@@ -26,7 +26,7 @@ where it trains on the device (`flex_usable`), else on the plain path (`plain`),
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +39,44 @@ Gate = Literal["none", "head", "elementwise"]
 NULL_KEY = ("softmax1", "sink")  # scores with a slot for "nothing"
 
 
-def allowed_keys(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> Tensor | None:
-    """(B|1, 1, T|1, T) bool, True where query t may attend to key j; None when every key is allowed."""
+class Docs(NamedTuple):
+    """Packed documents (document masking, docs/design.md §10): built once per batch by the trunk
+    (`docs_mask`) and shared by every layer. A token attends only to tokens of its own document.
+
+    `ids` (B, T) give each token's document; padding must be a document of its own (the collators give it
+    id 0), so a real token never sees padding and a padding row still sees itself (no empty softmax row).
+    `allowed` is the dense (B, 1, T, T) mask of the SDPA and plain paths; `block` FlexAttention's block mask
+    where FlexAttention trains (CUDA), else None."""
+
+    ids: Tensor
+    allowed: Tensor | None = None
+    block: object | None = None
+
+
+def allowed_keys(attn_mask: Tensor | None, is_causal: bool, T: int, device,
+                 doc_ids: Tensor | None = None) -> Tensor | None:
+    """(B|1, 1, T|1, T) bool, True where query t may attend to key j; None when every key is allowed.
+    With `doc_ids`, only keys of the query's own document (and, as a guard for callers that give padding
+    a real document's id, no padding key for a real query)."""
     mask = attn_mask[:, None, None, :].bool() if attn_mask is not None else None
+    if doc_ids is not None:
+        same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+        if mask is not None:
+            same = same & (mask | ~attn_mask[:, None, :, None].bool())
+        mask = same
     if is_causal:
         tril = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = tril if mask is None else mask & tril
     return mask
+
+
+def docs_mask(doc_ids: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Docs:
+    """The batch's document mask, built once: a FlexAttention block mask where FlexAttention trains, else
+    the dense mask of SDPA and the plain path."""
+    B, T = doc_ids.shape
+    if flex_usable(doc_ids.device.type):
+        return Docs(doc_ids, block=flex_block_mask(attn_mask, is_causal, doc_ids, B, T, doc_ids.device))
+    return Docs(doc_ids, allowed=allowed_keys(attn_mask, is_causal, T, doc_ids.device, doc_ids))
 
 
 def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tuple[Tensor | None, bool]:
@@ -89,7 +120,7 @@ def plain(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, scale: float,
 
 
 def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                  scale: float | None, sink: Tensor | None) -> Tensor:
+                  scale: float | None, sink: Tensor | None, allowed: Tensor | None = None) -> Tensor:
     """softmax1 (sink None) and sink on SDPA, exact in exact arithmetic, with no T x T mask of our own.
 
     softmax1: a null key with a zero key vector and a zero value is prepended. Its score is q.0 * scale = 0
@@ -103,6 +134,8 @@ def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_
     sum exp(s) v / (exp(theta) + Z) = o1 / (1 + (exp(theta) - 1) r): an elementwise rescale, so theta's
     gradient needs no float bias through SDPA (which leaves the flash kernels), and no cancellation:
     r comes out of the softmax as a weight of its own, not as 1 - sum of the others.
+
+    `allowed` (a document mask, `Docs.allowed`) replaces the mask attn_mask and is_causal would give.
     """
     B, H, T, dq = q.shape
     dv = v.shape[-1]
@@ -117,11 +150,12 @@ def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_
         null_v[..., dv] = 1.0
     k = torch.cat((k.new_zeros(B, H, 1, k.shape[-1]), k), 2)
     v = torch.cat((null_v, v), 2)
-    if attn_mask is None and is_causal:
+    if allowed is None and attn_mask is None and is_causal:
         q = torch.cat((q.new_zeros(B, H, 1, q.shape[-1]), q), 2)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[:, :, 1:]
     else:
-        allowed = allowed_keys(attn_mask, is_causal, T, q.device)
+        if allowed is None:
+            allowed = allowed_keys(attn_mask, is_causal, T, q.device)
         mask = None if allowed is None else F.pad(allowed, (1, 0), value=True)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if sink is None:
@@ -130,7 +164,7 @@ def null_key_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_
     return o[..., :dv] / (1 + torch.expm1(sink.to(o.dtype)).view(1, H, 1, 1) * r)
 
 
-# ---------------------------------------------------------------- FlexAttention for sigmoid and relu
+# ---------------------------------------------------------------- FlexAttention
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention  # only where FlexAttention runs (CUDA)
@@ -138,40 +172,68 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float, score: str,
-         sigmoid_bias: float | None = None, compiled: bool = True) -> Tensor:
-    """sigmoid / relu on FlexAttention. Flex normalises like softmax: o = sum e^m(s) v / sum e^m(s). With
-    m(s) = log p(s) (log sigmoid(s + b), or log relu(s): -inf at s <= 0) the weights e^m are p, and the
-    unnormalised sum is o * exp(lse); relu then divides by n. A row whose weights are all 0 comes back
-    with o = 0 and lse = -inf: zero, not NaN."""
-    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention  # see above
+def flex_block_mask(attn_mask: Tensor | None, is_causal: bool, doc_ids: Tensor | None, B: int, T: int, device):
+    """FlexAttention's block mask for padding, causality and documents (the rule of `allowed_keys`), or None
+    when every key is allowed."""
+    from torch.nn.attention.flex_attention import create_block_mask  # see _compiled_flex
 
-    B, H, T, _ = q.shape
-    allowed = allowed_keys(attn_mask, is_causal, T, q.device)
-    n = key_counts(allowed, T, q.float()).expand(B, 1, T, 1).reshape(B, T)
+    if attn_mask is None and not is_causal and doc_ids is None:
+        return None
     pad = attn_mask.bool() if attn_mask is not None else None
 
     def mask_mod(b, h, qi, ki):
-        keep = pad[b, ki] if pad is not None else qi >= 0
+        keep = pad[b, ki] | ~pad[b, qi] if (pad is not None and doc_ids is not None) else (
+            pad[b, ki] if pad is not None else qi >= 0)
+        if doc_ids is not None:
+            keep = keep & (doc_ids[b, qi] == doc_ids[b, ki])
         return keep & (ki <= qi) if is_causal else keep
 
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device) if allowed is not None else None
+    return create_block_mask(mask_mod, B, None, T, T, device=device)
+
+
+def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float, score: str,
+         sigmoid_bias: float | None = None, compiled: bool = True, sink: Tensor | None = None,
+         doc_ids: Tensor | None = None, block_mask=None) -> Tensor:
+    """Every score function on FlexAttention (k, v may have fewer heads than q: GQA). Flex normalises like
+    softmax: o = sum e^m(s) v / sum e^m(s), and returns lse = log sum e^m(s).
+      softmax   m(s) = s: o as is.
+      softmax1  o * Z / (1 + Z) = o * sigmoid(lse); sink: o * Z / (e^theta + Z) = o * sigmoid(lse - theta).
+      sigmoid / relu  m(s) = log p(s) (log sigmoid(s + b), or log relu(s): -inf at s <= 0): the weights e^m
+                are p and the unnormalised sum is o * exp(lse); relu then divides by n.
+    A row whose weights are all 0 comes back with o = 0 and lse = -inf: zero, not NaN. `block_mask` (built
+    once per batch, `Docs.block`) replaces the one attn_mask, is_causal and doc_ids give."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention  # see _compiled_flex
+
+    B, H, T, _ = q.shape
+    if block_mask is None:
+        block_mask = flex_block_mask(attn_mask, is_causal, doc_ids, B, T, q.device)
+    fn = _compiled_flex() if compiled else flex_attention
+    gqa = k.shape[1] != H
+    if score in ("softmax", *NULL_KEY):
+        o, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+        if score == "softmax":
+            return o
+        theta = sink.to(aux.lse.dtype).view(1, H, 1) if sink is not None else 0.0
+        return o * torch.sigmoid(aux.lse - theta).to(o.dtype)[..., None]
+    allowed = allowed_keys(attn_mask, is_causal, T, q.device, doc_ids)
+    n = key_counts(allowed, T, q.float()).expand(B, 1, T, 1).reshape(B, T)
     if score == "sigmoid":
         def score_mod(s, b, h, qi, ki):
             return F.logsigmoid(s + (sigmoid_bias if sigmoid_bias is not None else -torch.log(n[b, qi])))
     else:
         def score_mod(s, b, h, qi, ki):  # the inner where keeps log's gradient finite where s <= 0
             return torch.where(s > 0, torch.log(torch.where(s > 0, s, 1.0)), float("-inf"))
-    fn = _compiled_flex() if compiled else flex_attention
-    o, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+    o, aux = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                return_aux=AuxRequest(lse=True))
     o = o * aux.lse.exp().to(o.dtype)[..., None]
     return o if score == "sigmoid" else o / n[:, None, :, None].to(o.dtype)
 
 
 @functools.cache
 def flex_usable(device_type: str) -> bool:
-    """Whether sigmoid / relu run on FlexAttention on this device: it must compile, train (forward and
-    backward, through lse) and agree with the plain path; checked once per device type. Never on CPU: in
+    """Whether FlexAttention serves sigmoid / relu, and document masks for every score, on this device: it
+    must compile, train (forward and backward, through lse) and agree with the plain path; checked once per
+    device type (where it fails: SDPA and the plain path with a dense mask). Never on CPU: in
     torch 2.14 FlexAttention has no CPU backward (NotImplementedError, measured) and its eager fallback
     materialises the scores as the plain path does, so the plain path is the faster trainable one there."""
     if device_type != "cuda":
@@ -181,9 +243,11 @@ def flex_usable(device_type: str) -> bool:
         q, k, v = (torch.randn(2, 2, 128, 16, device="cuda", generator=g, requires_grad=True) for _ in range(3))
         pad = torch.ones(2, 128, dtype=torch.bool, device="cuda")
         pad[1, 100:] = False
-        for score in ("sigmoid", "relu"):
-            a = flex(q, k, v, pad, True, 0.25, score)
-            b = plain(q, k, v, allowed_keys(pad, True, 128, "cuda"), 0.25, score)[0]
+        docs = (torch.arange(128, device="cuda") // 40 + 1).expand(2, 128).masked_fill(~pad, 0)
+        sink = torch.tensor([0.5, -1.0], device="cuda")
+        for score, d in (("sigmoid", None), ("relu", None), *((s, docs) for s in ("softmax", *NULL_KEY, "relu"))):
+            a = flex(q, k, v, pad, True, 0.25, score, sink=sink if score == "sink" else None, doc_ids=d)
+            b = plain(q, k, v, allowed_keys(pad, True, 128, "cuda", d), 0.25, score, sink)[0]
             ga, gb = (torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (a, b))
             if not all(torch.allclose(x, y, rtol=1e-2, atol=1e-3) for x, y in zip((a, *ga), (b, *gb))):
                 return False
@@ -229,26 +293,49 @@ class Attend(nn.Module):
         return 2 * (d_model * gate_width(n_heads, d_v, gate) + null)
 
     def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-                is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+                is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                docs: Docs | None = None) -> Tensor:
+        """k, v may have fewer heads than q (GQA: each serves n_heads / n_kv consecutive query heads);
+        `docs` (document masking) replaces the mask attn_mask and is_causal give with its own."""
         B, T = x.shape[:2]
         dropout_p = dropout_p if self.training else 0.0
+        sdpa_scale, scale = scale, scale or q.shape[-1] ** -0.5  # SDPA's own default keeps softmax bit-identical
+        gqa = k.shape[1] != q.shape[1]
+        if docs is not None and docs.block is not None and not (dropout_p or self.probe):
+            o = flex(q, k, v, attn_mask, is_causal, scale, self.score, self.sigmoid_bias, sink=self.sink,
+                     block_mask=docs.block, doc_ids=docs.ids)
+            return self._gate(x, o)
+        allowed = None
+        if docs is not None:
+            allowed = docs.allowed if docs.allowed is not None else allowed_keys(attn_mask, is_causal, T, x.device,
+                                                                                 docs.ids)
+        if self.score == "softmax" and self.probe is None:
+            if allowed is not None:
+                mask, causal = allowed, False
+            else:
+                mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=sdpa_scale,
+                                               dropout_p=dropout_p, enable_gqa=gqa)
+            return self._gate(x, o)
+        if gqa:  # the paths below take equal head counts
+            g = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        if allowed is None and (self.probe is not None or self.score not in NULL_KEY or dropout_p):
+            allowed = allowed_keys(attn_mask, is_causal, T, x.device)
         if self.probe is not None:
-            allowed = allowed_keys(attn_mask, is_causal, T, x.device)
-            o, p = plain(q, k, v, allowed, scale or q.shape[-1] ** -0.5, self.score, self.sink, self.sigmoid_bias,
-                         dropout_p)
+            o, p = plain(q, k, v, allowed, scale, self.score, self.sink, self.sigmoid_bias, dropout_p)
             self.probe(self, p, allowed)
-        elif self.score == "softmax":
-            mask, causal = sdpa_mask(attn_mask, is_causal, T, x.device)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                               dropout_p=dropout_p)
         elif self.score in NULL_KEY and not dropout_p:  # dropout would hit the null weight r too
-            o = null_key_sdpa(q, k, v, attn_mask, is_causal, scale, self.sink)
-        elif self.score in ("sigmoid", "relu") and not dropout_p and flex_usable(q.device.type):
-            o = flex(q, k, v, attn_mask, is_causal, scale or q.shape[-1] ** -0.5, self.score, self.sigmoid_bias)
+            o = null_key_sdpa(q, k, v, attn_mask, is_causal, sdpa_scale, self.sink, allowed)
+        elif self.score in ("sigmoid", "relu") and not dropout_p and docs is None and flex_usable(q.device.type):
+            o = flex(q, k, v, attn_mask, is_causal, scale, self.score, self.sigmoid_bias)
         else:  # sigmoid and relu off CUDA; any score with dropout on the weights
-            allowed = allowed_keys(attn_mask, is_causal, T, x.device)
-            o = plain(q, k, v, allowed, scale or q.shape[-1] ** -0.5, self.score, self.sink, self.sigmoid_bias,
-                      dropout_p)[0]
+            o = plain(q, k, v, allowed, scale, self.score, self.sink, self.sigmoid_bias, dropout_p)[0]
+        return self._gate(x, o)
+
+    def _gate(self, x: Tensor, o: Tensor) -> Tensor:
+        """(B, H, T, d_v) head outputs -> gated, concatenated (B, T, H * d_v)."""
+        B, T = x.shape[:2]
         o = o.transpose(1, 2)  # (B, T, H, d_v)
         if self.gate is not None:
             o = o * torch.sigmoid(self.gate(x)).view(B, T, self.n_heads, -1)
