@@ -62,7 +62,9 @@ def _bag_dots(g: Tensor, table: Tensor, flat, offsets, offset2bag) -> Tensor:
 def _bag_scatter(g: Tensor, flat, offset2bag, w: Tensor, num_rows: int) -> Tensor:
     """dT[n] = sum over (t, m) with idx[t, m] = n of w[t, m] g[t]   (sorted segment sums, no atomics)"""
     n_bags = g.shape[0]
-    bag_size = torch.bincount(offset2bag, minlength=n_bags)
+    # every bag holds the same number of selections (top-k per token): a constant, not a bincount, whose
+    # data-dependent output shape would break a compiled graph
+    bag_size = torch.full((n_bags,), flat.numel() // n_bags, dtype=torch.long, device=g.device)
     max_idx = torch.zeros(n_bags, dtype=torch.long, device=g.device)
     return torch.ops.aten._embedding_bag_dense_backward(
         g.contiguous(), flat, offset2bag, bag_size, max_idx, num_rows, False, 0, w.reshape(-1).contiguous(), -1
@@ -72,17 +74,19 @@ def _bag_scatter(g: Tensor, flat, offset2bag, w: Tensor, num_rows: int) -> Tenso
 class _TorchMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, U, V, idx, s, act):
+        ctx.act, ctx.tied = act, V is None  # V None: tied to U (see expert_mix)
+        V = U if ctx.tied else V
         flat, offsets, o2b = _bags(idx)
         h = _bag_dots(xp, U, flat, offsets, o2b).view_as(s)
         a = s * _act(h, act)
         out = _bag_sum(V, flat, offsets, a)
-        ctx.save_for_backward(xp, U, V, idx, s, h)
-        ctx.act, ctx.tied = act, U is V
+        ctx.save_for_backward(xp, U, idx, s, h, *(() if ctx.tied else (V,)))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xp, U, V, idx, s, h = ctx.saved_tensors
+        xp, U, idx, s, h, *V = ctx.saved_tensors
+        V = U if ctx.tied else V[0]
         dout = dout.contiguous()
         T = idx.shape[0]
         flat, offsets, o2b = _bags(idx)
@@ -220,6 +224,8 @@ def _blocks(M: int, D: int) -> tuple[int, int]:
 class _TritonMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, U, V, idx, s, act):
+        ctx.act, ctx.tied = act, V is None  # V None: tied to U (see expert_mix)
+        V = U if ctx.tied else V
         fwd, _ = _kernels(interpreting())
         T, M = idx.shape
         D = xp.shape[1]
@@ -228,14 +234,14 @@ class _TritonMix(torch.autograd.Function):
         h = torch.empty(T, M, device=xp.device, dtype=torch.float32)
         bm, bd = _blocks(M, D)
         fwd[(T,)](xp, U, V, idx, s, h, out, M, D, BLOCK_M=bm, BLOCK_D=bd, ACT=ACTIVATIONS.index(act))
-        ctx.save_for_backward(xp, U, V, idx, s, h)
-        ctx.act, ctx.tied = act, U is V
+        ctx.save_for_backward(xp, U, idx, s, h, *(() if ctx.tied else (V,)))
         return out
 
     @staticmethod
     def backward(ctx, dout):
         _, bwd = _kernels(interpreting())
-        xp, U, V, idx, s, h = ctx.saved_tensors
+        xp, U, idx, s, h, *V = ctx.saved_tensors
+        V = U if ctx.tied else V[0]
         T, M = idx.shape
         D = xp.shape[1]
         dout = dout.contiguous()
@@ -255,14 +261,15 @@ def expert_mix(xp: Tensor, U: Tensor, V: Tensor, idx: Tensor, s: Tensor, act: st
                impl: str = "torch") -> Tensor:
     """out[t] = sum_m s[t,m] act(U[idx[t,m]] . xp[t]) V[idx[t,m]]; xp (T, D), U/V (N, D), idx/s (T, M).
 
-    Pass the same tensor as U and V for a tied table (ETHOS); its gradient then comes back once.
+    Pass the same tensor as U and V for a tied table (ETHOS); its gradient then comes back once. The
+    autograd functions then get V = None: a compiled graph cannot take one tensor twice as an input.
     """
     if act not in ACTIVATIONS:
         raise ConfigError(f"model.ffn.activation={act}: must be one of {', '.join(ACTIVATIONS)}")
     dtype = xp.dtype
     tied = U is V
     U = U.to(dtype)
-    V = U if tied else V.to(dtype)
+    V = None if tied else V.to(dtype)
     idx, s = idx.long(), s.to(dtype)
     if impl == "triton":
         check_triton(xp.device)

@@ -6,7 +6,9 @@ from torch import Tensor, nn
 from ethos.types import PositiveInt
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
-               "silu": F.silu}
+               "silu": F.silu,
+               # relu(x)^2 (So et al. 2021, Primer); the MLP of modded-nanogpt and nanochat
+               "relu2": lambda x: F.relu(x).square()}
 
 
 class SwiGLU(nn.Module):
@@ -31,7 +33,7 @@ class MLP(nn.Module):
     """Classic two-matrix FFN, W_2 act(x W_1): the block of BERT, GPT-2 and timm's ViT."""
 
     def __init__(self, d_model: int, d_ff: PositiveInt = 1024,
-                 activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu", bias: bool = True):
+                 activation: Literal["gelu", "gelu_tanh", "relu", "silu", "relu2"] = "gelu", bias: bool = True):
         super().__init__()
         self.w1 = nn.Linear(d_model, d_ff, bias=bias)
         self.w2 = nn.Linear(d_ff, d_model, bias=bias)
