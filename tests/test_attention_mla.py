@@ -1,5 +1,5 @@
 """MLA / MLA-o against references: HF DeepseekV3Attention on copied weights, a float64 per-head einsum
-implementation, exact constructions (MLA-o -> MLA, MLA -> MHA), closed-form parameter counts."""
+implementation (also with QK-norm), exact constructions (MLA-o -> MLA, MLA -> MHA), closed-form parameter counts."""
 
 import math
 
@@ -125,6 +125,11 @@ def naive_mla(m, x, pad, causal, interleave):
     q = q.view(B, T, H, dk + dr)
     kv = (rms(c_kv, W["kv_norm.weight"]) @ W["kv_b.weight"].T).view(B, T, H, dk + dv)  # per-head rows
     k, v = kv[..., :dk], kv[..., dk:]
+    if m.q_head_norm is not None:  # QK-norm before RoPE: whole heads, or (decoupled) nope and rope parts apart
+        q = torch.cat((rms(q[..., :dk], W["q_head_norm.weight"]),
+                       rms(q[..., dk:], W["q_rope_norm.weight"]) if dr else q[..., dk:]), -1)
+        k = rms(k, W["k_head_norm.weight"])
+        k_r = rms(k_r, W["k_rope_norm.weight"]) if dr else k_r
     if dr:
         q = torch.cat((q[..., :dk], naive_rope(q[..., dk:], dr, interleave)), -1)
         k = torch.cat((k, naive_rope(k_r, dr, interleave)[:, :, None].expand(B, T, H, dr)), -1)
@@ -147,6 +152,10 @@ CASES = [  # (class, kwargs)
     (MLA, {"q_latent": None, "kv_latent": 16, "v_head_dim": 12, "rope_style": "decoupled"}),
     (MLAO, {"q_latent": 24, "kv_latent": 16, "o_latent": 20, "rope_style": "partial"}),
     (MLAO, {"q_latent": 24, "kv_latent": 16, "o_latent": 20, "v_head_dim": 12, "rope_style": "decoupled"}),
+    # QK-norm (RMSNorm, then RoPE): partial normalises whole heads, decoupled the nope and rope parts apart
+    (MLA, {"q_latent": 24, "kv_latent": 16, "rope_style": "partial", "qk_norm": True}),
+    (MLA, {"q_latent": None, "kv_latent": 16, "v_head_dim": 12, "rope_style": "decoupled", "qk_norm": True}),
+    (MLAO, {"q_latent": 24, "kv_latent": 16, "o_latent": 20, "rope_style": "decoupled", "qk_norm": True}),
 ]
 
 
@@ -224,6 +233,10 @@ def test_full_rank_mla_represents_mha(q_latent):
     (MLAO, {"q_latent": 64, "kv_latent": 32, "o_latent": 64}),
     (MLAO, {"q_latent": None, "kv_latent": 32, "o_latent": 96, "v_head_dim": 16, "rope_style": "decoupled",
             "bias": True}),
+    (MHA, {"n_kv_heads": 2, "bias": True}), (MHA, {"n_kv_heads": 1, "qk_norm": True, "score": "sink"}),
+    (MLA, {"q_latent": 64, "kv_latent": 32, "qk_norm": True}),
+    (MLA, {"q_latent": None, "kv_latent": 32, "rope_style": "decoupled", "qk_norm": True}),
+    (MLAO, {"q_latent": 64, "kv_latent": 32, "o_latent": 64, "rope_style": "decoupled", "qk_norm": True}),
 ])
 def test_param_count_closed_form(cls, kw):
     with torch.device("meta"):

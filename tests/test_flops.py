@@ -25,7 +25,7 @@ from ethos.models.vit import ViT
 # counter's flash-attention backward also counts recomputed scores), within TOL
 TOL = 0.05
 # small sizes of each model=...; the expert sizes keep N * d small enough for a CPU test
-SMALL = {"mha": [], "mla": [], "mla_o": [],
+SMALL = {"mha": [], "gqa": [], "mla": [], "mla_o": [],
          "peer": ["model.ffn.num_experts=1024", "model.ffn.d_query=32"],
          "ethos": ["model.ffn.num_experts=1024", "model.ffn.d_query=32", "model.ffn.d_latent=16",
                    "model.ffn.d_hidden=48"]}
@@ -51,6 +51,11 @@ ATTN = [
     (MLA, {"q_latent": 24, "kv_latent": 16, "v_head_dim": 12, "score": "softmax1", "gate": "elementwise"}),
     (MLAO, {"q_latent": None, "kv_latent": 16, "o_latent": 20, "rope_style": "decoupled", "score": "sigmoid",
             "gate": "head"}),
+    # GQA / MQA (narrower W_k, W_v; scores per query head, on SDPA's enable_gqa and the plain path) and QK-norm
+    # (elementwise: no FLOPs of its own)
+    (MHA, {"n_kv_heads": 2}), (MHA, {"n_kv_heads": 1, "score": "softmax1", "qk_norm": True}),
+    (MHA, {"n_kv_heads": 2, "score": "relu", "gate": "elementwise", "bias": True}),
+    (MLA, {"q_latent": 24, "kv_latent": 16, "rope_style": "decoupled", "qk_norm": True}),
 ]
 
 
@@ -162,7 +167,7 @@ def test_encoder_flops_match_counter(model):
     check(enc.flops_per_token(T, B, mask) * B * T, lambda: enc.mlm_loss(ids, None, labels)[0], f"encoder {model}")
 
 
-@pytest.mark.parametrize("model", ["mla", "ethos"])
+@pytest.mark.parametrize("model", ["gqa", "mla", "ethos"])
 def test_decoder_flops_match_counter(model):
     torch.manual_seed(0)
     dec = Decoder(model_cfg(model), vocab_size=500)

@@ -3,7 +3,7 @@
 from conftest import compose
 from ethos.checks import build_model_config
 from ethos.config import instantiate
-from ethos.models.attention import MLA
+from ethos.models.attention import MHA, MLA
 from ethos.tasks.mlm import MaskedLM
 
 
@@ -27,3 +27,15 @@ def test_per_layer_counts_add_up_and_match_closed_forms(tmp_path):
                   + d * f.n_heads * f.d_query + 2 * f.n_heads * f.d_query  # query proj, BatchNorm
                   + f.n_heads * 2 * n_sub * (f.d_query // 2))  # sub-keys
     assert sparse - dense == expert_ffn - 3 * d * cfg.model.dense_ffn.d_ff
+
+
+def test_gqa_and_qk_norm_counts_match_closed_form(tmp_path):
+    """GQA's narrower W_k, W_v and the two QK-norm gains, per layer, against MHA.param_count read from the config."""
+    cfg = compose(["model=gqa", "model.attn.n_kv_heads=1", "model.attn.qk_norm=true"], output_dir=tmp_path)
+    m = build_model_config(cfg)
+    counts = MaskedLM(m, instantiate(cfg.optim), vocab_size=1000).param_counts()
+    kw = {k: v for k, v in cfg.model.attn.items() if not k.startswith("_") and k != "norm_eps"}
+    d, H, d_h = m.d_model, m.n_heads, m.head_dim
+    per_layer = MHA.param_count(d, H, d_h, m.rope_dims, **kw)
+    assert per_layer == 2 * d * H * d_h + 2 * d * 1 * d_h + 2 * d_h  # W_q, W_O; one W_k, W_v head; two gains
+    assert [counts[f"params/layer{i}/attention"] for i in range(m.n_layers)] == [per_layer] * m.n_layers

@@ -276,34 +276,42 @@ def ethos_run(cache_dir, tmp_path_factory):
 
 
 def ethos_matrices(block) -> dict:
-    """From the module weights as the forward uses them (ethos.models.attention): MHA.qkv rows [W_q; W_k; W_v],
-    MLA.qkv_a rows [W_qa; W_kva; W_kr], kv_b rows per head (d_k + d_v); heads concatenated into `out`."""
+    """From the module weights as the forward uses them (ethos.models.attention): MHA.qkv rows [W_q (H d_h);
+    W_k (H_kv d_h); W_v (H_kv d_h)], query head h reading key/value head h // (H / H_kv); MLA.qkv_a rows
+    [W_qa; W_kva; W_kr], kv_b rows per head (d_k + d_v); heads concatenated into `out`; QK-norm gains on the
+    q / k channels they scale."""
     from ethos.models.attention import MLA, MLAO
 
     a = copy.deepcopy(block.attn).double()
     g = block.attn_norm.weight.double()
+    gq, gk = (a.q_head_norm.weight, a.k_head_norm.weight) if a.q_head_norm is not None else (1.0, 1.0)
     W_o = (a.o_a.weight.T @ a.o_b.weight.T) if isinstance(a, MLAO) else a.out.weight.T  # MLA-o: o W_OA W_OB
     if isinstance(a, MLA):
         H, dk, dv = a.n_heads, a.d_k, a.d_v
+        kv = list(range(H))
         q_in, r_kv, _ = a.split
         down = (a.qkv_a.weight * g).T
         W_q = (a.q_b.weight * a.q_norm.weight).T if a.q_b is not None else down[:, :q_in]
         W_kv = (a.kv_b.weight * a.kv_norm.weight).T
-        q = [W_q[:, h * a.d_qk:h * a.d_qk + dk] for h in range(H)]
-        k = [W_kv[:, h * (dk + dv):h * (dk + dv) + dk] for h in range(H)]
+        q = [W_q[:, h * a.d_qk:h * a.d_qk + dk] * gq for h in range(H)]
+        k = [W_kv[:, h * (dk + dv):h * (dk + dv) + dk] * gk for h in range(H)]
         v = [W_kv[:, h * (dk + dv) + dk:(h + 1) * (dk + dv)] for h in range(H)]
         extra = {"kva": down[:, q_in:q_in + r_kv]}
         extra |= {"qa": down[:, :q_in]} if a.q_b is not None else {}
-        extra |= {"kr": down[:, q_in + r_kv:]} if a.d_r else {}
+        g_kr = a.k_rope_norm.weight if a.k_rope_norm is not None else 1.0
+        extra |= {"kr": down[:, q_in + r_kv:] * g_kr} if a.d_r else {}
     else:
-        H, dv = a.n_heads, a.head_dim
-        inner = H * dv
+        H, G, dv = a.n_heads, a.n_kv_heads, a.head_dim
+        kv = [h // (H // G) for h in range(H)]
         W = (a.qkv.weight * g).T
-        q, k, v = ([W[:, j * inner + h * dv:j * inner + (h + 1) * dv] for h in range(H)] for j in range(3))
+        head = lambda start, h: W[:, start + h * dv:start + (h + 1) * dv]  # noqa: E731
+        q = [head(0, h) * gq for h in range(H)]
+        k = [head(H * dv, j) * gk for j in range(G)]
+        v = [head((H + G) * dv, j) for j in range(G)]
         extra = {}
     o = [W_o[h * dv:(h + 1) * dv] for h in range(H)]
-    return {"o_head": o, "o": W_o, "qk": [q[h] @ k[h].T for h in range(H)],
-            "vo": [v[h] @ o[h] for h in range(H)], **extra}
+    return {"o_head": o, "o": W_o, "qk": [q[h] @ k[kv[h]].T for h in range(H)],
+            "vo": [v[kv[h]] @ o[h] for h in range(H)], **extra}
 
 
 @pytest.mark.slow
@@ -319,10 +327,73 @@ def test_ethos_run_every_singular_value(ethos_run, tmp_path):
         assert_layer(tmp_path / "out", i, ethos_matrices(block))
 
 
-@pytest.mark.parametrize("variant", ["mla_o_decoupled", "mla_no_q_latent", "mha_layernorm"])
+@pytest.fixture(scope="module")
+def gqa_run(cache_dir, tmp_path_factory):
+    """A tiny decoder with GQA (4 query heads, 2 key/value heads) and QK-norm."""
+    from conftest import compose
+    from ethos.study import train
+
+    out = tmp_path_factory.mktemp("gqa_run")
+    train(compose(["debug=tiny", "task=clm", "model=gqa", "model.attn.n_kv_heads=2", "model.attn.qk_norm=true",
+                   "logger=csv", "print_config=false", "trainer.max_steps=2", "trainer.val_check_interval=2"],
+                  output_dir=out))
+    return out
+
+
+def assert_gqa_split(w, attn, norm) -> None:
+    """The reader's per-head W_Q / W_K / W_V are row slices of the fused qkv weight: rows [H d_h; H_kv d_h;
+    H_kv d_h], query head h reading key/value head h // (H / H_kv), gains (input norm, QK-norm) folded."""
+    H, G, d_h = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    W, g = attn.qkv.weight.detach().double(), norm.weight.detach().double()
+    gq, gk = (attn.q_head_norm.weight.detach().double(), attn.k_head_norm.weight.detach().double()) \
+        if attn.q_head_norm is not None else (1.0, 1.0)
+    rows = lambda start, h: W[start + h * d_h:start + (h + 1) * d_h]  # noqa: E731
+    assert (w.n_heads, w.n_kv_heads) == (H, G) and w.kv_head.tolist() == [h // (H // G) for h in range(H)]
+    assert w.q.shape == (H, W.shape[1], d_h) and w.k.shape == w.v.shape == (G, W.shape[1], d_h)
+    for h in range(H):
+        torch.testing.assert_close(w.q[h], (rows(0, h) * g).T * gq, rtol=1e-12, atol=0)
+    for j in range(G):
+        torch.testing.assert_close(w.k[j], (rows(H * d_h, j) * g).T * gk, rtol=1e-12, atol=0)
+        torch.testing.assert_close(w.v[j], (rows((H + G) * d_h, j) * g).T, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n_kv,qk_norm", [(1, False), (2, True), (4, False)])
+def test_ethos_gqa_split_by_rows(n_kv, qk_norm):
+    from types import SimpleNamespace
+
+    from ethos.models.attention import MHA
+
+    torch.manual_seed(0)
+    attn = MHA(64, 4, head_dim=8, rope_dims=4, n_kv_heads=n_kv, qk_norm=qk_norm)
+    block = randomize_norms(torch.nn.ModuleDict({"attn": attn, "attn_norm": torch.nn.RMSNorm(64)}))
+    src = object.__new__(EthosSource)
+    src.name, src.dtype = "gqa", torch.float64
+    src.blocks = [SimpleNamespace(attn=block.attn, attn_norm=block.attn_norm)]
+    assert_gqa_split(src.read(0), block.attn, block.attn_norm)
+
+
+@pytest.mark.slow
+def test_ethos_gqa_run_is_split_by_its_recipe(gqa_run, tmp_path):
+    """A GQA run read back from its checkpoint: n_kv_heads comes from the run's recipe (the model is rebuilt from
+    it), the fused rows are split [H d_h; H_kv d_h; H_kv d_h], and every singular value is right."""
+    from ethos.pretrained import load_task
+
+    task, _ = load_task(gqa_run)
+    src = EthosSource(gqa_run, dtype=torch.float64)
+    for i, block in enumerate(task.model.trunk.blocks):
+        assert block.attn.n_kv_heads == 2 and block.attn.n_heads == 4
+        assert_gqa_split(src.read(i), block.attn, block.attn_norm)
+    spectra.analyse(str(gqa_run), tmp_path / "out", progress=False, plots=False)
+    for i, block in enumerate(task.model.trunk.blocks):
+        assert_layer(tmp_path / "out", i, ethos_matrices(block))
+
+
+@pytest.mark.parametrize("variant", ["mla_o_decoupled", "mla_no_q_latent", "mha_layernorm", "gqa", "mqa_qk_norm",
+                                     "mla_qk_norm", "mla_o_decoupled_qk_norm"])
 def test_ethos_layouts_every_singular_value(variant):
     """The other branches of our reader, on modules built directly: MLA-o (W_O = W_OA W_OB), decoupled rope
-    (the shared rope key head, d_nope pairs), no query latent, MHA under a LayerNorm."""
+    (the shared rope key head, d_nope pairs), no query latent, MHA under a LayerNorm, GQA / MQA (key/value heads
+    shared by groups of query heads), QK-norm gains (MHA, MLA partial, decoupled: nope and rope gains)."""
     from types import SimpleNamespace
 
     from ethos.models.attention import MHA, MLA, MLAO
@@ -334,6 +405,13 @@ def test_ethos_layouts_every_singular_value(variant):
                                          rope_style="decoupled", o_latent=20), torch.nn.RMSNorm(64)),
         "mla_no_q_latent": (lambda: MLA(**common, rope_dims=4, q_latent=None, kv_latent=16), torch.nn.RMSNorm(64)),
         "mha_layernorm": (lambda: MHA(**common, rope_dims=4), torch.nn.LayerNorm(64)),
+        "gqa": (lambda: MHA(**common, rope_dims=4, n_kv_heads=2), torch.nn.RMSNorm(64)),
+        "mqa_qk_norm": (lambda: MHA(**common, rope_dims=4, n_kv_heads=1, qk_norm=True), torch.nn.RMSNorm(64)),
+        "mla_qk_norm": (lambda: MLA(**common, rope_dims=4, q_latent=24, kv_latent=16, qk_norm=True),
+                        torch.nn.RMSNorm(64)),
+        "mla_o_decoupled_qk_norm": (lambda: MLAO(**common, rope_dims=4, q_latent=None, kv_latent=16,
+                                                 rope_style="decoupled", o_latent=20, qk_norm=True),
+                                    torch.nn.RMSNorm(64)),
     }[variant]
     block = randomize_norms(torch.nn.ModuleDict({"attn": attn(), "attn_norm": norm}))
     for p in block.parameters():  # init makes some weights zero-ish or identical: random everywhere

@@ -26,6 +26,11 @@ def whole(x: Tensor) -> Tensor:
     return x.full_tensor() if sharded(x) else x
 
 
+# as layouts.py says of Qwen3: the gains fold into W_q, W_k (and W_kr), the per-token RMS division does not
+QK_NORM_NOTE = ("QK-norm: per-head q/k RMS division not folded: it scales each score by a positive per-token "
+                "factor; ranks are unaffected, sigma_1 is in weight units")
+
+
 class EthosSource:
     """An ethos run dir or .ckpt: the task rebuilt from its self-describing checkpoint (encoder, decoder, ViT)."""
 
@@ -66,15 +71,25 @@ class EthosSource:
             kv_b = per_head(t(attn.kv_b.weight), H) * t(attn.kv_norm.weight)[:, None]  # (H, r_kv, d_k + d_v)
             w.k = kv_b[..., :d_k] if "k" in parts else None
             w.v = kv_b[..., d_k:] if "v" in parts else None
+            if attn.q_head_norm is not None:  # QK-norm gains: whole heads or nope channels, and rope channels
+                g_q = t(attn.q_head_norm.weight)
+                g_q = torch.cat((g_q, t(attn.q_rope_norm.weight))) if attn.q_rope_norm is not None else g_q
+                w.q = w.q * g_q if w.q is not None else None
+                w.k = w.k * t(attn.k_head_norm.weight) if w.k is not None else None
+                w.kr = w.kr * t(attn.k_rope_norm.weight) if w.kr is not None else None
+                w.notes += (QK_NORM_NOTE,)
             return w
         if isinstance(attn, MHA):
-            H = attn.n_heads
-            w = AttentionWeights(layer, "mha", H, H, notes=notes)
-            qkv = t(attn.qkv.weight).view(3, -1, g_in.shape[0])  # rows [W_q; W_k; W_v]
-            for j, part in enumerate("qkv"):
+            # GQA: rows [W_q (H d_h); W_k (H_kv d_h); W_v (H_kv d_h)], H_kv the run's model.attn.n_kv_heads
+            H, G = attn.n_heads, attn.n_kv_heads
+            w = AttentionWeights(layer, "mha", H, G, notes=notes)
+            qk_norm = {"q": attn.q_head_norm, "k": attn.k_head_norm} if attn.q_head_norm is not None else {}
+            for part, rows, heads in zip("qkv", t(attn.qkv.weight).split(attn.split), (H, G, G)):
                 if part in parts:
-                    setattr(w, part, per_head(qkv[j], H) * g_in[:, None])
+                    m = per_head(rows, heads) * g_in[:, None]
+                    setattr(w, part, m * t(qk_norm[part].weight) if part in qk_norm else m)
             w.o = out_heads(t(attn.out.weight), H) if "o" in parts else None
+            w.notes += (QK_NORM_NOTE,) if qk_norm else ()
             return w
         raise ConfigError(f"{self.name}: layer {layer} has attention {type(attn).__name__}, not a supported layout "
                           f"(supported: {SUPPORTED})")

@@ -7,7 +7,9 @@ each token's attention within its own packed document. Every module gets the sam
 constructor arguments from the backbone (d_model, n_heads, head_dim, rope_dims, rope_theta,
 rope_interleave, max_seq_len, dropout); variant-specific ones come from the model config.
 
-Every variant takes the same score-function arguments (ethos/models/scores.py, docs/design.md §8): `score`
+Every variant takes `qk_norm` (QK-norm: RMSNorm over each q and k head before RoPE, as Qwen3, OLMo-2 and
+Gemma 3; one learned gain per tensor of head width, shared by all heads, eps = model.norm_eps) and the same
+score-function arguments (ethos/models/scores.py, docs/design.md §8): `score`
 (softmax | softmax1 | sink | sigmoid | relu), `gate` (none | head | elementwise) and `sigmoid_bias` (null =
 -log n); one `Attend` module does what follows q, k, v for all of them.
 
@@ -41,46 +43,74 @@ def _tables(rope: Rope | None, dims: int, theta: float, q: Tensor) -> Rope:
 
 
 class MHA(nn.Module):
-    """Multi-head attention with partial RoPE on the first `rope_dims` channels of every q/k head."""
+    """Multi-head attention with partial RoPE on the first `rope_dims` channels of every q/k head.
+
+    `n_kv_heads` = H_kv < H is grouped-query attention (GQA; 1 = multi-query, MQA): H_kv key/value heads,
+    each read by H / H_kv consecutive query heads (HF's repeat_kv; `Attend` expands them, or SDPA does with
+    enable_gqa). The fused projection's rows are [W_q (H d_h); W_k (H_kv d_h); W_v (H_kv d_h)]: with
+    H_kv = H the layout [W_q; W_k; W_v] of earlier checkpoints. `qk_norm`: RMSNorm over each q and k head
+    (gains `q_head_norm`, `k_head_norm`, d_h wide) before RoPE.
+    """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
                  rope_theta: float = 10000.0, rope_interleave: bool = False, max_seq_len: int = 2048,
                  dropout: float = 0.0, bias: bool = False, score: Score = "softmax", gate: Gate = "none",
-                 sigmoid_bias: float | None = None):
+                 sigmoid_bias: float | None = None, n_kv_heads: PositiveInt | None = None, qk_norm: bool = False,
+                 norm_eps: PositiveFloat = 1e-6):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim or d_model // n_heads
-        inner = n_heads * self.head_dim
-        self.qkv = nn.Linear(d_model, 3 * inner, bias=bias)  # rows laid out [W_q; W_k; W_v]
+        self.n_kv_heads = kv_heads(n_heads, n_kv_heads)
+        self.split = [n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+        self.qkv = nn.Linear(d_model, sum(self.split), bias=bias)  # rows laid out [W_q; W_k; W_v]
+        self.q_head_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
+        self.k_head_norm = nn.RMSNorm(self.head_dim, eps=norm_eps) if qk_norm else None
         self.attend = Attend(d_model, n_heads, self.head_dim, score, gate, sigmoid_bias, bias)
-        self.out = nn.Linear(inner, d_model, bias=bias)
+        self.out = nn.Linear(self.split[0], d_model, bias=bias)
         self.rope_dims, self.rope_theta, self.rope_interleave = rope_dims, rope_theta, rope_interleave
         self.dropout = dropout
 
     @staticmethod
     def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
-                    bias: bool = False, score: str = "softmax", gate: str = "none", **_) -> int:
+                    bias: bool = False, score: str = "softmax", gate: str = "none", n_kv_heads: int | None = None,
+                    qk_norm: bool = False, **_) -> int:
         d_h = head_dim or d_model // n_heads
-        inner = n_heads * d_h
-        return (4 * d_model * inner + bias * (3 * inner + d_model)
+        inner, kv = n_heads * d_h, (n_kv_heads or n_heads) * d_h
+        # W_q and W_O, W_k and W_v, their biases, the two QK-norm gains
+        return (2 * d_model * inner + 2 * d_model * kv + bias * (inner + 2 * kv + d_model) + qk_norm * 2 * d_h
                 + Attend.param_count(d_model, n_heads, d_h, score, gate, bias))
 
     @staticmethod
     def flops(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *, seq_len: int,
-              score: str = "softmax", gate: str = "none", **_) -> int:
+              score: str = "softmax", gate: str = "none", n_kv_heads: int | None = None, **_) -> int:
         d_h = head_dim or d_model // n_heads
-        inner = n_heads * d_h
-        # W_qkv and W_O; q k^T and p v: T * d_h multiply-adds per head each; the gate
-        return (2 * 4 * d_model * inner + 2 * 2 * seq_len * inner
+        inner, kv = n_heads * d_h, (n_kv_heads or n_heads) * d_h
+        # W_q, W_O and the narrower W_k, W_v; q k^T and p v stay T * d_h multiply-adds per query head
+        # (GQA shares keys and values, not scores); the gate. QK-norm is elementwise: no matmul
+        return (2 * (2 * d_model * inner + 2 * d_model * kv) + 2 * 2 * seq_len * inner
                 + Attend.flops(d_model, n_heads, d_h, d_h, score, gate))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
                 rope: Rope | None = None, docs: Docs | None = None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.split, -1))
+        if self.q_head_norm is not None:  # before RoPE (Qwen3, OLMo-2): gains act on projection channels
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
         if self.rope_dims:
             rope = _tables(rope, self.rope_dims, self.rope_theta, q)
             q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
+        # k, v keep their n_kv_heads: Attend (SDPA's enable_gqa) shares them over the query heads
         return self.out(self.attend(x, q, k, v, attn_mask, is_causal, dropout_p=self.dropout, docs=docs))
+
+
+def kv_heads(n_heads: int, n_kv_heads: int | None) -> int:
+    """The key/value head count: n_heads when None (plain MHA), else a divisor of n_heads."""
+    if n_kv_heads is None:
+        return n_heads
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        valid = ", ".join(str(g) for g in range(1, n_heads + 1) if n_heads % g == 0)
+        raise ConfigError(f"model.attn.n_kv_heads={n_kv_heads}: must divide model.n_heads={n_heads} "
+                          f"(valid: {valid}; null = n_heads)")
+    return n_kv_heads
 
 
 class MLA(nn.Module):
@@ -97,6 +127,15 @@ class MLA(nn.Module):
 
     All down-projections (W_qa or W_q, W_kva, W_kr) read the same x, so they are one fused Linear
     `qkv_a`: one launch instead of three, rows laid out [W_qa; W_kva; W_kr].
+
+    `qk_norm` (QK-norm, before RoPE as in Qwen3 / OLMo-2 / Gemma 3): partial RoPE normalises each whole q and
+    k head (gains `q_head_norm`, `k_head_norm`, d_k wide). Decoupled RoPE normalises the nope parts (q_nope_h
+    and each head's k_nope_h: `q_head_norm`, `k_head_norm`, d_k wide) and the rope parts (q_rope_h and the ONE
+    shared rope key k_r: `q_rope_norm`, `k_rope_norm`, d_r wide) separately. One RMS over a whole key head
+    [k_nope_h; k_r] would divide k_r by a different per-head factor in every head: the rope key would stop
+    being one head shared by all, and the cache (c_kv + k_r) could no longer hold it once. Normalised on its
+    own, k_r stays a single head, cached once as before; each score is then the sum of a normalised nope and
+    a normalised rope dot product.
     """
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0,
@@ -104,7 +143,7 @@ class MLA(nn.Module):
                  dropout: float = 0.0, q_latent: PositiveInt | None = None, kv_latent: PositiveInt = 64,
                  v_head_dim: PositiveInt | None = None, rope_style: RopeStyle = "partial", bias: bool = False,
                  norm_eps: PositiveFloat = 1e-6, score: Score = "softmax", gate: Gate = "none",
-                 sigmoid_bias: float | None = None):
+                 sigmoid_bias: float | None = None, qk_norm: bool = False):
         super().__init__()
         head_dim = head_dim or d_model // n_heads
         if rope_style == "decoupled" and (rope_dims < 2 or rope_dims % 2):
@@ -124,6 +163,11 @@ class MLA(nn.Module):
         self.q_b = nn.Linear(q_latent, n_heads * self.d_qk, bias=False) if q_latent else None
         self.kv_norm = nn.RMSNorm(kv_latent, eps=norm_eps)
         self.kv_b = nn.Linear(kv_latent, n_heads * (self.d_k + self.d_v), bias=False)
+        # QK-norm gains: whole heads (partial) or nope parts (decoupled); the rope parts (decoupled) apart
+        self.q_head_norm = nn.RMSNorm(self.d_k, eps=norm_eps) if qk_norm else None
+        self.k_head_norm = nn.RMSNorm(self.d_k, eps=norm_eps) if qk_norm else None
+        self.q_rope_norm = nn.RMSNorm(self.d_r, eps=norm_eps) if qk_norm and decoupled else None
+        self.k_rope_norm = nn.RMSNorm(self.d_r, eps=norm_eps) if qk_norm and decoupled else None
         self.attend = Attend(d_model, n_heads, self.d_v, score, gate, sigmoid_bias, bias)
         self.out = nn.Linear(n_heads * self.d_v, d_model, bias=bias)
         self.rope_dims, self.rope_theta, self.rope_interleave = rope_dims, rope_theta, rope_interleave
@@ -134,7 +178,7 @@ class MLA(nn.Module):
     def param_count(d_model: int, n_heads: int, head_dim: int | None = None, rope_dims: int = 0, *,
                     q_latent: int | None = None, kv_latent: int = 64, v_head_dim: int | None = None,
                     rope_style: str = "partial", bias: bool = False, score: str = "softmax", gate: str = "none",
-                    **_) -> int:
+                    qk_norm: bool = False, **_) -> int:
         d_k = head_dim or d_model // n_heads
         d_v = v_head_dim or d_k
         d_r = rope_dims if rope_style == "decoupled" else 0
@@ -145,7 +189,7 @@ class MLA(nn.Module):
             q = d_model * q_heads
         kv = d_model * (kv_latent + d_r) + kv_latent + kv_latent * n_heads * (d_k + d_v)
         down_bias = (q_latent or q_heads) + kv_latent + d_r
-        return (q + kv + n_heads * d_v * d_model + bias * (down_bias + d_model)
+        return (q + kv + n_heads * d_v * d_model + bias * (down_bias + d_model) + qk_norm * 2 * (d_k + d_r)
                 + Attend.param_count(d_model, n_heads, d_v, score, gate, bias))
 
     @staticmethod
@@ -180,11 +224,18 @@ class MLA(nn.Module):
             rope = _tables(rope, self.rope_dims, self.rope_theta, q)
         if self.d_r:  # decoupled: rotate the trailing d_r query channels and the shared key head
             q_nope, q_r = q.split([self.d_k, self.d_r], dim=-1)
+            k_r = k_r.view(B, 1, T, self.d_r)
+            if self.q_head_norm is not None:  # nope and rope parts apart: k_r stays one shared head
+                q_nope, k = self.q_head_norm(q_nope), self.k_head_norm(k)
+                q_r, k_r = self.q_rope_norm(q_r), self.k_rope_norm(k_r)
             q = torch.cat((q_nope, apply_rope(q_r, rope, self.rope_interleave)), dim=-1)
-            k_r = apply_rope(k_r.view(B, 1, T, self.d_r), rope, self.rope_interleave).expand(B, H, T, self.d_r)
+            k_r = apply_rope(k_r, rope, self.rope_interleave).expand(B, H, T, self.d_r)
             k = torch.cat((k, k_r), dim=-1)
-        elif self.rope_dims:  # partial: rotate the first rope_dims channels of every q and k head
-            q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
+        else:
+            if self.q_head_norm is not None:  # whole heads, before RoPE
+                q, k = self.q_head_norm(q), self.k_head_norm(k)
+            if self.rope_dims:  # partial: rotate the first rope_dims channels of every q and k head
+                q, k = apply_rope(q, rope, self.rope_interleave), apply_rope(k, rope, self.rope_interleave)
         return self.project_out(self.attend(x, q, k, v, attn_mask, is_causal, self.scale, self.dropout, docs))
 
 
@@ -203,10 +254,10 @@ class MLAO(MLA):
                  dropout: float = 0.0, q_latent: PositiveInt | None = None, kv_latent: PositiveInt = 64,
                  v_head_dim: PositiveInt | None = None, rope_style: RopeStyle = "partial", bias: bool = False,
                  norm_eps: PositiveFloat = 1e-6, score: Score = "softmax", gate: Gate = "none",
-                 sigmoid_bias: float | None = None, o_latent: PositiveInt = 64):
+                 sigmoid_bias: float | None = None, o_latent: PositiveInt = 64, qk_norm: bool = False):
         super().__init__(d_model, n_heads, head_dim, rope_dims, rope_theta, rope_interleave, max_seq_len,
                          dropout, q_latent, kv_latent, v_head_dim, rope_style, bias, norm_eps, score, gate,
-                         sigmoid_bias)
+                         sigmoid_bias, qk_norm)
         self.o_latent = o_latent
         inner = self.out.in_features
         del self.out
