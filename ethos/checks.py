@@ -5,7 +5,7 @@ the meta device, and the rules across groups. Each failure is one ConfigError li
 from pathlib import Path
 
 from hydra.utils import get_class
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ethos import checkpoint
 from ethos.config import instantiate, pretrained_tokenizer, validate
@@ -45,6 +45,9 @@ def check_across_groups(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.fused=true: Lightning cannot clip the gradients of a fused optimizer under "
                           f"trainer.precision={cfg.trainer.precision} (trainer.gradient_clip_val="
                           f"{cfg.trainer.gradient_clip_val}); set optim.fused=null or trainer.gradient_clip_val=null")
+    if cfg.optim.get("name") == "muon" and OmegaConf.select(cfg, "trainer.strategy._target_") == "ethos.parallel.FSDP":
+        raise ConfigError("optim.name=muon: not with trainer=fsdp (trainer.strategy=ethos.parallel.FSDP): Muon "
+                          "orthogonalises whole matrices, FSDP holds row shards; use trainer=ddp or optim=adamw")
     patch = cfg.task.get("patch_size") if cfg.get("task") else None
     if modality(cfg) == "image" and patch and cfg.data.img_size % patch:
         raise ConfigError(f"task.patch_size={patch}: must divide data.img_size={cfg.data.img_size} (null: chosen "

@@ -1,6 +1,7 @@
 """Causal LM: the decoder is causal, its loss is the textbook next-token cross-entropy, and it trains."""
 
 import csv
+import math
 
 import pytest
 import torch
@@ -102,3 +103,8 @@ def test_short_clm_run_loss_falls(tmp_path):
     assert len(val) == 5 and val[-1] < val[1] - 0.3 < val[0], val  # val[0]: untrained, step 0
     assert ppl[-1] == pytest.approx(torch.tensor(val[-1]).exp().item(), rel=1e-4)
     assert final == pytest.approx(val[-1])
+    # bits per byte: the same targets at every validation, so bpb / loss = targets / (ln 2 x their bytes) stays put
+    bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
+    assert len(bpb) == 5 and all(b / v == pytest.approx(bpb[0] / val[0], rel=1e-5) for b, v in zip(bpb, val))
+    assert 0 < bpb[0] / val[0] < 1 / math.log(2)  # more than one byte per target on average
+    assert any(r.get("train/bpb") for r in rows)

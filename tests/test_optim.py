@@ -96,19 +96,26 @@ def test_peer_and_ethos_experts_follow_the_same_rule(tmp_path):
 
 
 # -- LR schedule: the values the optimizer sees, against the formulas written out -----------------
-def reference_lr(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+def reference_lr(step: int, total: int, warmup: int, kind: str, min_ratio: float, decay_fraction: float = 0.2
+                 ) -> float:
     """lr / peak at `step` (transformers' convention: warm-up from 0, so step 0 trains at lr 0)."""
     if step < warmup:
         return step / warmup
     if kind == "constant":
         return 1.0
+    if kind == "wsd":  # nanochat's warmdown: at the peak until the last round(fraction * total) steps
+        decay = round(decay_fraction * total)
+        if step <= total - decay:
+            return 1.0
+        progress = (total - step) / decay  # 1 -> 0 over the decay
+        return progress + (1 - progress) * min_ratio
     if kind == "linear":
         return min_ratio + (1 - min_ratio) * max(0.0, 1 - (step - warmup) / (total - warmup))
     progress = (step - warmup) / (total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "wsd"])
 @pytest.mark.parametrize("warmup,min_ratio", [(0.1, 0.0), (7, 0.1), (0.0, 0.0)])
 def test_schedule_value_by_value(kind, warmup, min_ratio):
     o = OptimConfig(lr=3e-4, warmup=warmup, schedule=kind, min_lr_ratio=min_ratio)
@@ -125,7 +132,8 @@ def test_schedule_value_by_value(kind, warmup, min_ratio):
     after = got[w:]
     if kind != "constant":  # decays, never rises, and ends at the floor
         assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))
-        assert after[-1] == pytest.approx(min_ratio, abs=1 / (total - w) + 1e-9) and after[0] > 0.9
+        decay_steps = round(0.2 * total) if kind == "wsd" else total - w  # the last step is one step above the floor
+        assert after[-1] == pytest.approx(min_ratio, abs=1 / decay_steps + 1e-9) and after[0] > 0.9
     assert max(got) == pytest.approx(1.0, abs=0.02)
 
 
@@ -180,3 +188,89 @@ def test_extension_continues_without_a_jump(kind):
     finished = LRSchedule(kind, warmup=10, total=100, min_ratio=0.1)
     finished.extend(100, 150)  # extended after the end: stays at the floor (no jump back up)
     assert finished(100) == finished(150) == pytest.approx(0.1)
+
+
+# -- WSD: warm-up, stable, decay -------------------------------------------------------------------------------
+def test_wsd_values_by_hand():
+    f = LRSchedule("wsd", warmup=10, total=100, min_ratio=0.1, decay_fraction=0.2)  # the decay starts at 80
+    hand = {0: 0.0, 5: 0.5, 10: 1.0, 50: 1.0, 79: 1.0, 80: 1.0, 85: 0.1 + 0.9 * 0.75, 90: 0.55, 95: 0.325,
+            99: 0.1 + 0.9 * 0.05, 100: 0.1, 120: 0.1}
+    assert {s: f(s) for s in hand} == pytest.approx(hand, abs=1e-12)
+    full = LRSchedule("wsd", warmup=10, total=100, decay_fraction=1.0)  # decay over everything: linear
+    assert [full(s) for s in range(101)] == pytest.approx([LRSchedule("linear", 10, 100)(s) for s in range(101)])
+    none = LRSchedule("wsd", warmup=10, total=100, min_ratio=0.1, decay_fraction=0.0)  # no decay: constant
+    assert [none(s) for s in range(100)] == [LRSchedule("constant", 10, 100)(s) for s in range(100)]
+
+
+@pytest.mark.parametrize("warmup,min_ratio,fraction", [(0.1, 0.0, 0.2), (7, 0.1, 0.3), (0.0, 0.0, 0.5)])
+def test_wsd_equals_transformers(warmup, min_ratio, fraction):
+    """Ours against transformers' warmup_stable_decay with a linear decay, from the end of warm-up on (its
+    warm-up starts at min_lr_ratio, ours at 0: equal from the first step when the floor is 0)."""
+    from transformers import get_wsd_schedule
+
+    total = 40
+    o = OptimConfig(warmup=warmup, schedule="wsd", min_lr_ratio=min_ratio, decay_fraction=fraction)
+    w = int(warmup * total) if warmup < 1 else int(warmup)
+    ours = schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), o, total).lr_lambdas[0]
+    decay = round(fraction * total)
+    ref = get_wsd_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=w,
+                           num_decay_steps=decay, num_stable_steps=total - w - decay, decay_type="linear",
+                           min_lr_ratio=min_ratio).lr_lambdas[0]
+    for step in range(w if min_ratio else 0, total + 5):
+        assert ours(step) == pytest.approx(ref(step), abs=1e-12), step
+
+
+def resumed(f: LRSchedule, step: int, total: int, o: OptimConfig) -> LRSchedule:
+    """`f`'s state as LambdaLR saves it at `step`, restored into the schedule the resumed run builds, extended."""
+    g = LRSchedule(o.schedule, f.warmup, total, o.min_lr_ratio, o.decay_fraction)
+    g.__dict__.update(dict(f.__dict__))
+    g.extend(step, total)
+    return g
+
+
+WSD = OptimConfig(schedule="wsd", min_lr_ratio=0.1, decay_fraction=0.2)
+
+
+def test_wsd_extended_before_the_decay_keeps_the_peak_and_moves_the_decay():
+    f = LRSchedule("wsd", warmup=10, total=100, min_ratio=0.1, decay_fraction=0.2)
+    g = resumed(f, 60, 200, WSD)  # at step 60 of 100 (decay from 80): the stable phase goes on
+    planned = LRSchedule("wsd", warmup=10, total=200, min_ratio=0.1, decay_fraction=0.2)  # as if run for 200
+    assert [g(s) for s in range(60, 201)] == [planned(s) for s in range(60, 201)]
+    assert g(60) == g(160) == 1.0 and g(180) == pytest.approx(0.55) and g(200) == pytest.approx(0.1)
+    at_start = resumed(f, 80, 200, WSD)  # at the first step of the decay the LR is still the peak: not begun
+    assert [at_start(s) for s in range(80, 201)] == [planned(s) for s in range(80, 201)]
+    # shortened so that the new decay would have begun before the resume step: it begins there, from the peak
+    h = resumed(f, 60, 70, WSD)  # (the new decay would start at 70 - 14 = 56)
+    assert h(60) == 1.0 and h(65) == pytest.approx(0.55) and h(70) == pytest.approx(0.1)
+
+
+def test_wsd_extended_during_the_decay_goes_on_from_where_it_is():
+    f = LRSchedule("wsd", warmup=10, total=100, min_ratio=0.1, decay_fraction=0.2)
+    g = resumed(f, 90, 140, WSD)  # halfway down (0.55): from there, linearly to the floor at 140
+    assert g(90) == pytest.approx(f(90)) == pytest.approx(0.55)
+    assert g(115) == pytest.approx(0.1 + 0.45 * 0.5) and g(140) == pytest.approx(0.1)
+    after = [g(s) for s in range(90, 141)]
+    assert all(b < a for a, b in zip(after, after[1:]))
+    finished = resumed(f, 100, 150, WSD)  # extended after the end: stays at the floor
+    assert finished(100) == finished(125) == finished(150) == pytest.approx(0.1)
+
+
+def test_wsd_extension_through_lambdalr_state():
+    """The path a resume takes: LambdaLR's state_dict holds the schedule; on_train_start re-targets it."""
+    o = OptimConfig(lr=1.0, warmup=10, schedule="wsd", min_lr_ratio=0.1, decay_fraction=0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
+    sched = schedule(opt, o, 100)
+    for _ in range(60):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
+    sched2 = schedule(opt2, o, 200)
+    opt2.load_state_dict(opt.state_dict())  # Lightning's order: the optimizer (its groups' lr), then the schedule
+    sched2.load_state_dict(sched.state_dict())
+    sched2.lr_lambdas[0].extend(60, 200)
+    lrs = []
+    for _ in range(60, 200):
+        lrs.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert lrs[:100] == [1.0] * 100 and lrs[120] == pytest.approx(0.55) and lrs[-1] == pytest.approx(0.1 + 0.9 / 40)

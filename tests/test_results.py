@@ -61,6 +61,8 @@ def test_multirun_writes_its_table_with_the_failure_marked(sweep):
         val = logged["val/loss"].dropna()
         assert row["val_loss_best"] == pytest.approx(val.min()) and row["val_loss_final"] == pytest.approx(
             val.iloc[-1])
+        bpb = logged["val/bpb"].dropna()  # the masked LM's bits per byte, logged beside val/loss
+        assert len(bpb) == len(val) and row["val_bpb_final"] == pytest.approx(bpb.iloc[-1])
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
         n_params = sum(v.numel() for k, v in ckpt["state_dict"].items())
         assert row["params_total"] == n_params  # no tied or shared weights counted twice in the state dict
@@ -204,7 +206,8 @@ def write_run(run, overrides: list[str], seed: int, losses: list[float], model: 
                               "job": {"config": {"override_dirname": {"exclude_keys": ["logger", "run_name"]}}}}},
                    run / ".hydra" / "hydra.yaml")
     ft = run / "finetune" / "sst2"
-    for d, cfg, log in ((run, {"seed": seed}, {"val/loss": losses}),
+    bpb = [x / (4 * math.log(2)) for x in losses]  # as if 4 bytes per token
+    for d, cfg, log in ((run, {"seed": seed}, {"val/loss": losses, "val/bpb": bpb}),
                         (ft, {"seed": seed, "pretrained": str(run)}, {"val/acc": [0.5, 0.8]})):
         (d / "csv").mkdir(parents=True)
         OmegaConf.save({"model": {"attn": {}}, **cfg}, d / "config_resolved.yaml")
@@ -227,7 +230,13 @@ def test_groups_are_named_by_what_differs_and_what_all_share_is_said_once(tmp_pa
     assert len(df) == 6  # the fine-tunes are their runs' downstream_acc, not rows
     assert sorted(groups["group"]) == [f"experiment={e}" for e in EXPERIMENTS]
     assert list(groups["runs"]) == [2, 2, 2] and (df["downstream_acc"] == 0.8).all()
+    bpb = groups.set_index("group")["val_bpb_final_mean"]  # bits per byte, beside the loss
+    for i, experiment in enumerate(EXPERIMENTS):
+        finals = [(4.0 - i - seed / 10) / (4 * math.log(2)) for seed in (1, 2)]
+        assert bpb[f"experiment={experiment}"] == pytest.approx(sum(finals) / 2)
+    assert (df["val_bpb_best"] == df["val_bpb_final"]).all()
     md = (tmp_path / "results.md").read_text()
+    assert "val_bpb_best" in md and "val_bpb_final" in md
     assert md.count("finetune_after.overrides=") == 1 and md.count("data.batch_size=32") == 1
     assert "logger=csv" not in md  # not part of the run dir's name: not a difference between runs either
     for experiment in EXPERIMENTS:

@@ -139,7 +139,8 @@ def test_wikipedia_layout_reads_offline(tmp_path, tok):
     dm.setup("fit")
     s = dm.stats
     assert (s["train"]["documents"], s["validation"]["documents"]) == (360, 40)  # held out: 10%
-    assert dm.splits["train"].column_names == ["input_ids"]  # id/url/title dropped
+    # id/url/title dropped; each token's document start and UTF-8 bytes kept (tests/test_docs_data.py)
+    assert dm.splits["train"].column_names == ["input_ids", "doc_start", "bytes"]
     t = dm.tokenizer
     body = [x for r in dm.splits["validation"]["input_ids"] for x in r[1:]]
     segments = t.decode(body).split(t.sep_token)[1:-1]  # whole articles between separators
@@ -354,7 +355,11 @@ def test_short_run_text_files_loss_falls(tmp_path):
                    "callbacks=none"], output_dir=tmp_path / "run")
     final = train(cfg)
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
-        val = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+        rows = list(csv.DictReader(f))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val) == 5 and val[-1] < val[1] - 0.3 < val[0], val  # val[0]: untrained, step 0
     assert final == pytest.approx(val[-1])
+    # the same masked tokens at every validation (eval masks are seeded by the sample): a constant bpb / loss
+    bpb = [float(r["val/bpb"]) for r in rows if r.get("val/bpb")]
+    assert len(bpb) == 5 and all(b / v == pytest.approx(bpb[0] / val[0], rel=1e-5) for b, v in zip(bpb, val))
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()  # copied beside the run

@@ -41,9 +41,10 @@ class TextDataModule(L.LightningDataModule):
                  tokenizer_docs: PositiveInt | None = None, seq_len: Annotated[int, Ge(8)] = 128,
                  packing: Literal["pack", "truncate"] = "pack", batch_size: PositiveInt = 32,
                  eval_batch_size: PositiveInt | None = None, val_fraction: OpenUnit = 0.05,
-                 mlm_probability: OpenUnit = 0.15, whole_word_mask: bool = False, streaming: bool = False,
-                 val_docs: PositiveInt = 1000, shuffle_buffer: PositiveInt = 10_000,
-                 num_workers: NonNegativeInt = 0, num_proc: PositiveInt | None = None, seed: int = 0):
+                 mlm_probability: OpenUnit = 0.15, whole_word_mask: bool = False, doc_mask: bool = True,
+                 reset_positions: bool = True, streaming: bool = False, val_docs: PositiveInt = 1000,
+                 shuffle_buffer: PositiveInt = 10_000, num_workers: NonNegativeInt = 0,
+                 num_proc: PositiveInt | None = None, seed: int = 0):
         super().__init__()
         if streaming and not self.supports_streaming:
             raise ConfigError(f"data.streaming=true: {type(self).__name__} has no streaming path (set false)")
@@ -55,6 +56,8 @@ class TextDataModule(L.LightningDataModule):
         self.seq_len, self.packing, self.batch_size = seq_len, packing, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction, self.mlm_probability, self.whole_word_mask = val_fraction, mlm_probability, whole_word_mask
+        # batches only (collate.py), not the cache: every block stores where its documents start
+        self.doc_mask, self.reset_positions = doc_mask, reset_positions
         self.streaming, self.val_docs, self.shuffle_buffer = streaming, val_docs, shuffle_buffer
         self.num_workers, self.num_proc, self.seed = num_workers, num_proc, seed
         self.tokenizer = None
@@ -78,6 +81,8 @@ class TextDataModule(L.LightningDataModule):
                 fp[k] = getattr(self, k)
         if self.streaming:
             fp["streaming"], fp["val_docs"] = True, self.val_docs
+        else:  # the stored blocks' columns: 2 = + doc_start and bytes (packing.py); older caches are rebuilt
+            fp["layout"] = 2
         return fp
 
     # -- pipeline ----------------------------------------------------------------------------
@@ -176,9 +181,10 @@ class TextDataModule(L.LightningDataModule):
         return getattr(task, "objective", "mlm")
 
     def collate(self):
+        docs = {"doc_mask": self.doc_mask, "reset_positions": self.reset_positions}
         if self.objective() == "clm":
-            return CLMCollator(self.pad_id, self.seq_len)
-        return MLMCollator(self.tokenizer, self.mlm_probability, self.seed, self.seq_len, self.whole_word_mask)
+            return CLMCollator(self.pad_id, self.seq_len, **docs)
+        return MLMCollator(self.tokenizer, self.mlm_probability, self.seed, self.seq_len, self.whole_word_mask, **docs)
 
     def _stream(self, split: str, **kw) -> StreamBlocks:
         pos = run_position(self.trainer)

@@ -1,9 +1,10 @@
 """One table per study: `python -m ethos.results DIR [--group NAME]`, also written at the end of every multirun.
 
 Every run dir under DIR (one with a config_resolved.yaml) becomes a row: its overrides, variant, parameter
-counts, best and final validation loss, downstream accuracy when a fine-tune names it as its pretrained run,
-tokens/s and status. Rows that differ only in `seed` form a group, reported as mean ± std over its finished
-runs; a group is named by the overrides that differ between groups, and what every run shares is said once.
+counts, best and final validation loss and bits per byte (val/bpb), downstream accuracy when a fine-tune names
+it as its pretrained run, tokens/s and status. Rows that differ only in `seed` form a group, reported as mean ±
+std over its finished runs; a group is named by the overrides that differ between groups, and what every run
+shares is said once.
 Written beside the runs as results.csv (per run), results_groups.csv, results.md (both tables) and
 val_curves.png (validation loss of every run, one colour per group); logged to W&B as tables when the runs
 used W&B. A run that failed, was interrupted or cannot be read is a marked row, never an error.

@@ -1,6 +1,6 @@
 """The results table: every run dir under a directory becomes a row (its overrides, variant, parameter counts,
-best and final validation loss, downstream accuracy, tokens/s, status); runs that differ only in `seed` form a
-group, reported as mean ± std over its finished runs; both as Markdown."""
+best and final validation loss and bits per byte, downstream accuracy, tokens/s, status); runs that differ only
+in `seed` form a group, reported as mean ± std over its finished runs; both as Markdown."""
 
 import math
 from pathlib import Path
@@ -11,7 +11,7 @@ from ethos.results.groups import describe, parse_line
 from ethos.rundir import STATUS_FILE, read_status_record, run_dir_of
 
 NUMERIC = ["params_total", "params_non_embedding", "params_attention", "val_loss_best", "val_loss_final",
-           "train_loss_final", "downstream_acc", "tokens_per_sec", "steps"]
+           "val_bpb_best", "val_bpb_final", "train_loss_final", "downstream_acc", "tokens_per_sec", "steps"]
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -63,9 +63,10 @@ def run_row(run_dir: Path, root: Path) -> dict:
         for key in ("total", "non_embedding", "attention"):
             row[f"params_{key}"] = params.get(f"params/{key}", math.nan)
         df = metrics(run_dir)
-        val = df["val/loss"].dropna() if "val/loss" in df else []
-        row["val_loss_best"] = float(val.min()) if len(val) else math.nan
-        row["val_loss_final"] = _last(df, "val/loss")
+        for key in ("loss", "bpb"):  # bits per byte: the loss in a unit no tokenizer changes (language models)
+            val = df[f"val/{key}"].dropna() if f"val/{key}" in df else []
+            row[f"val_{key}_best"] = float(val.min()) if len(val) else math.nan
+            row[f"val_{key}_final"] = _last(df, f"val/{key}")
         row["train_loss_final"] = _last(df, "train/loss")
         row["val_acc_best"] = float(df["val/acc"].max()) if "val/acc" in df and df["val/acc"].notna().any() \
             else math.nan
@@ -158,11 +159,13 @@ def markdown(df, groups) -> str:
     lines += ["## Per group (mean ± std over seeds, finished runs)", ""]
     if len(groups):
         table = groups[["group", "variant", "runs", "done"]].copy()
-        for key in ("params_total", "val_loss_best", "val_loss_final", "downstream_acc", "tokens_per_sec"):
+        for key in ("params_total", "val_loss_best", "val_loss_final", "val_bpb_best", "val_bpb_final",
+                    "downstream_acc", "tokens_per_sec"):
             table[key] = [_pm(m, s) for m, s in zip(groups[f"{key}_mean"], groups[f"{key}_std"])]
         lines.append(table.to_markdown(index=False))
     per_run = df[["group", "variant", "seed", "status", "params_total", "params_non_embedding", "params_attention",
-                  "val_loss_best", "val_loss_final", "downstream_acc", "tokens_per_sec", "error"]]
+                  "val_loss_best", "val_loss_final", "val_bpb_best", "val_bpb_final", "downstream_acc",
+                  "tokens_per_sec", "error"]]
     per_run = per_run.sort_values(["group", "seed"], na_position="last")
     per_run = per_run.astype(object).where(per_run.notna(), None)  # blank cells, not "nan"
     lines += ["", "## Per run", "", per_run.to_markdown(index=False, floatfmt=".4g", missingval=""), ""]

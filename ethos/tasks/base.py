@@ -2,11 +2,10 @@
 validation history, closed-form FLOPs and parameter counts."""
 
 import lightning as L
-import torch
 
 from ethos.models.blocks import count_params
 from ethos.models.flops import TRAIN_FACTOR
-from ethos.optim import LRSchedule, OptimConfig, clips_under_amp, decays, schedule
+from ethos.optim import LRSchedule, OptimConfig, clips_under_amp, decays, make_optimizer, schedule, uses_muon
 from ethos.parallel import shard
 from ethos.pretrained import load_backbone
 
@@ -54,29 +53,37 @@ class Task(L.LightningModule):
             shard(self.model, self.device_mesh["data_parallel"])
 
     def param_groups(self) -> list[dict]:
-        """Decayed and not decayed (ethos.optim.decays); when fine-tuning with a backbone_lr_scale other than 1,
-        each of those split again into the pretrained weights (at optim.lr x the scale) and the rest."""
+        """Decayed and not decayed (ethos.optim.decays); under optim=muon the hidden matrices apart, marked
+        "muon" (ethos.optim.uses_muon: at optim.muon_lr and optim.muon_weight_decay); when fine-tuning with a
+        backbone_lr_scale other than 1, each of those split again into the pretrained weights (at the lr of
+        their optimizer x the scale) and the rest."""
+        o = self.optim
         scale = getattr(self, "pretrained_lr_scale", 1.0)
         fresh = tuple(f"model.{p}" for p in getattr(self, "fresh", ()))
-        groups: dict[tuple[bool, bool], list] = {(True, False): [], (False, False): []}
+        # (muon, decay, pretrained) -> parameters
+        groups: dict[tuple[bool, bool, bool], list] = {(False, True, False): [], (False, False, False): []}
         for prefix, module in self.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
                     full = f"{prefix}.{name}"
                     pretrained = scale != 1.0 and full.startswith("model.") and not (fresh and full.startswith(fresh))
-                    groups.setdefault((decays(module, name), pretrained), []).append(p)
+                    muon = o.name == "muon" and uses_muon(prefix, module, name, p)
+                    groups.setdefault((muon, decays(module, name), pretrained), []).append(p)
         out = []
-        for (decay, pretrained), params in groups.items():
-            group = {"params": params, "weight_decay": self.optim.weight_decay if decay else 0.0}
+        for (muon, decay, pretrained), params in groups.items():
+            lr, wd = (o.muon_lr, o.muon_weight_decay) if muon else (o.lr, o.weight_decay if decay else 0.0)
+            group = {"params": params, "weight_decay": wd}
+            if o.name == "muon":
+                group["muon"] = muon
             if pretrained:
-                group["lr"] = self.optim.lr * scale
+                group["lr"] = lr * scale
             out.append(group)
         return out
 
     def configure_optimizers(self):
         o = self.optim
         fused = o.fused if o.fused is not None else (self.device.type == "cuda" and not clips_under_amp(self.trainer))
-        opt = torch.optim.AdamW(self.param_groups(), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
+        opt = make_optimizer(self.param_groups(), o, fused)
         total = max(1, self.trainer.max_steps if self.trainer.max_steps > 0
                     else self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule(opt, o, total), "interval": "step"}}

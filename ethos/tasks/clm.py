@@ -22,5 +22,12 @@ class CausalLM(LanguageModel):
         return self.model.flops_per_token(seq_len=tokens_per_sample, batch_size=batch_size)
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        loss, correct, n = self.model.clm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss, correct, n = self.model.clm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                               *self.documents(batch))
         return loss, correct, int(n)
+
+    def target_bytes(self, batch: dict) -> torch.Tensor | None:
+        """Bytes of the predicted tokens: position t predicts token t + 1, as clm_loss counts them."""
+        if "bytes" not in batch:
+            return None
+        return batch["bytes"][:, 1:][batch["labels"][:, 1:] != -100].sum()

@@ -22,5 +22,12 @@ class MaskedLM(LanguageModel):
         return self.model.flops_per_token(seq_len=tokens_per_sample, batch_size=batch_size, mask_fraction=rate)
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        loss, correct = self.model.mlm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss, correct = self.model.mlm_loss(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                            *self.documents(batch))
         return loss, correct, int((batch["labels"] != -100).sum())
+
+    def target_bytes(self, batch: dict) -> torch.Tensor | None:
+        """Bytes of the masked tokens (those the loss counts)."""
+        if "bytes" not in batch:
+            return None
+        return batch["bytes"][batch["labels"] != -100].sum()
