@@ -128,3 +128,35 @@ def test_step_peak_memory_sees_what_a_step_allocates():
 
     assert 60 < step_peak_mb(step, "cpu") < 80
     assert step_peak_mb(lambda: None, "cpu") < 4
+
+
+TINY_DECODER = ["model.d_model=32", "model.n_heads=4", "model.head_dim=8", "model.rope_dims=8", "model.n_layers=1",
+                "model.ffn.d_ff=64"]
+
+
+@pytest.mark.slow
+def test_bench_decoder(tmp_path):
+    run("bench_decoder.py", "--warmup", "1", "--repeats", "1", "--batch", "2", "--seq-len", "32", "--doc-len", "10",
+        "--vocab", "64", "--overrides", *TINY_DECODER, "--out", str(tmp_path / "decoder"))
+    rows = table(tmp_path / "decoder.csv")
+    assert {(r["config"], r["compiled"], r["doc_mask"]) for r in rows} == {
+        (c, comp, mask) for c in ("reference", "modern") for comp in ("False", "True") for mask in ("False", "True")}
+    positive(rows, "ms", "tokens_per_s", "compiled_over_eager", "masked_over_unmasked")
+    assert (tmp_path / "decoder.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_decoder_ablation(tmp_path, cache_dir):
+    """Two rows, two steps: the table's contribution is the baseline's final val/bpb minus the row's, read from
+    the runs' own metrics."""
+    run("decoder_ablation.py", "--steps", "2", "--evals", "1", "--rows", "baseline,qk_norm", "--batch-size", "4",
+        "--extra", *TINY_DECODER, "data.eval_batch_size=64", "trainer.limit_val_batches=2",
+        "--out", str(tmp_path / "ablation"))
+    rows = {r["row"]: r for r in table(tmp_path / "ablation" / "steps2" / "ablation.csv")}
+    finals = {}
+    for name in ("baseline", "qk_norm"):
+        metrics = list(csv.DictReader(open(tmp_path / "ablation" / "steps2" / name / "csv" / "metrics.csv")))
+        finals[name] = [float(m["val/bpb"]) for m in metrics if m.get("val/bpb")][-1]
+        assert math.isclose(float(rows[name]["final_bpb"]), finals[name], abs_tol=1e-4)
+    assert math.isclose(float(rows["qk_norm"]["contribution"]), finals["baseline"] - finals["qk_norm"], abs_tol=2e-4)
+    assert (tmp_path / "ablation" / "steps2" / "ablation.png").stat().st_size > 0
