@@ -1,8 +1,7 @@
 """The optimizer config and the learning-rate schedule, one for every task and variant: AdamW with one
 weight-decay rule (`decays`), or under optim=muon Muon for the hidden matrices and AdamW for the rest (one
 optimizer rule, `uses_muon`; one composite optimizer, `MuonAdamW`); linear warm-up, then linear / cosine decay,
-constant, or warm-up-stable-decay (wsd); every schedule extendable on resume (docs/design.md, "The optimizer
-rule: Muon and AdamW, and WSD")."""
+constant, or warm-up-stable-decay (wsd); every schedule extendable on resume (docs/design.md §10.5)."""
 
 import math
 from collections import defaultdict

@@ -1,4 +1,4 @@
-"""Compile-clean steps (docs/design.md §10): with model.compile=true the trunk is what torch.compile
+"""Compile-clean steps (docs/design.md §10.6): with model.compile=true the trunk is what torch.compile
 compiles; every variant x score function x text task traces into one graph (torch._dynamo.explain counts
 zero graph breaks), with document masks, restarted positions and padding as the training batches carry."""
 

@@ -1,4 +1,4 @@
-"""Document masking (docs/design.md §10): a packed row of documents, with `Docs` and restarted RoPE positions,
+"""Document masking (docs/design.md §10.1): a packed row of documents, with `Docs` and restarted RoPE positions,
 equals running each document alone, for every attention variant x score function, bidirectional and causal,
 outputs and input gradients in float64; and every path (SDPA, null key, plain, the FlexAttention formulation,
 the recording probe) keeps to the document."""

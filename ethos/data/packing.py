@@ -9,7 +9,7 @@ Rows are stored unpadded; the collator pads and derives the attention mask from 
 never from the pad id (a tokenizer may reuse its EOS as pad). With `words`, each block also holds the
 tokenizer's word starts (`word_start`), which whole-word masking needs.
 
-Every block also holds, per token (what document masking and bits per byte need, docs/design.md):
+Every block also holds, per token (what document masking and bits per byte need, docs/design.md §10.3):
   doc_start  1 where a document begins. A document's separator ends it; the block's start token belongs to
              the block's first document (so a block always opens with a 1, and the token after the start
              token never does), whether that document begins in the block or continues from the one before.

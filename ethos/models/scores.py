@@ -40,7 +40,7 @@ NULL_KEY = ("softmax1", "sink")  # scores with a slot for "nothing"
 
 
 class Docs(NamedTuple):
-    """Packed documents (document masking, docs/design.md §10): built once per batch by the trunk
+    """Packed documents (document masking, docs/design.md §10.1): built once per batch by the backbone
     (`docs_mask`) and shared by every layer. A token attends only to tokens of its own document.
 
     `ids` (B, T) give each token's document; padding must be a document of its own (the collators give it

@@ -11,7 +11,7 @@ from ethos.tasks.base import Task
 
 class BitsPerByte(Metric):
     """Summed target NLL (nats) / (ln 2 x summed UTF-8 bytes of the targets) over everything updated: the loss
-    in a unit no tokenizer changes (docs/design.md). Sums, not a mean of ratios: token- and byte-weighted over
+    in a unit no tokenizer changes (docs/design.md §10.3). Sums, not a mean of ratios: token- and byte-weighted over
     the whole split, reduced across processes; float64, so the byte count stays exact on any split."""
 
     full_state_update = False
