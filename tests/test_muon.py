@@ -9,9 +9,9 @@ import pytest
 import torch
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from test_optim import BACKBONES, EXTRA, MODELS, build_task
-from test_train import metrics
+from test_train import metrics, resume_cfg
 
-from conftest import TINY, compose
+from conftest import compose
 from ethos.checks import check
 from ethos.config import CONF_DIR
 from ethos.errors import ConfigError
@@ -248,18 +248,15 @@ def test_a_restored_composite_continues_bit_for_bit(tmp_path):
 
 
 # -- end to end: a run stopped and resumed under optim=muon equals one run straight through ------------------
-def _resume_cfg(out, steps: int):
-    return compose(TINY + ["optim=muon", f"trainer.max_steps={steps}", "trainer.val_check_interval=4",
-                           "callbacks.checkpoint.every_n_train_steps=4", "optim.schedule=constant",
-                           "optim.warmup=0"], output_dir=out)
+ON_MUON = ("optim=muon",)
 
 
 @pytest.mark.slow
 def test_resumed_muon_run_continues_with_identical_state(cache_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_resume_cfg(straight, 10))
-    train(_resume_cfg(split, 6))  # stops at 6 ...
-    train(_resume_cfg(split, 10))  # ... and the same command with more steps resumes there
+    train(resume_cfg(straight, 10, ON_MUON))
+    train(resume_cfg(split, 6, ON_MUON))  # stops at 6 ...
+    train(resume_cfg(split, 10, ON_MUON))  # ... and the same command with more steps resumes there
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (straight, split))
     assert a["global_step"] == b["global_step"] == 10
     for k, v in a["state_dict"].items():

@@ -43,20 +43,20 @@ def test_short_run_loss_falls(cache_dir, tmp_path):
     assert (tmp_path / "config_resolved.yaml").is_file()
 
 
-def _resume_cfg(out: Path, steps: int):
+def resume_cfg(out: Path, steps: int, extra: tuple[str, ...] = ()):
     return compose(TINY + [f"trainer.max_steps={steps}", "trainer.val_check_interval=4",
                            "callbacks.checkpoint.every_n_train_steps=4", "optim.schedule=constant",
-                           "optim.warmup=0"], output_dir=out)
+                           "optim.warmup=0", *extra], output_dir=out)
 
 
 @pytest.mark.slow
 def test_resume_continues_with_identical_state(cache_dir, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(_resume_cfg(straight, 10))
-    train(_resume_cfg(split, 6))  # stops at 6 ...
+    train(resume_cfg(straight, 10))
+    train(resume_cfg(split, 6))  # stops at 6 ...
     first = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 6
-    train(_resume_cfg(split, 10))  # ... and the same command with more steps resumes there
+    train(resume_cfg(split, 10))  # ... and the same command with more steps resumes there
     a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == 10
     assert_same_training_state(a, split / "checkpoints" / "last.ckpt")
