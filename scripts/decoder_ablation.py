@@ -16,7 +16,8 @@ every evaluation) and writes <out>/ablation.csv, <out>/ablation.md and <out>/abl
 Wall times are not compared, so other work may share the machine; the figures do not change.
 
 `--steps one-pass` (the default) takes the number of steps that reads the train split once: repeated tokens
-reward memorisation, not a better recipe. Rows differing in document masking score slightly different targets
+reward memorisation, not a better recipe. Evaluations run every steps // --evals steps, and "final" is the last
+of them. Rows differing in document masking score slightly different targets
 (with the mask, a document's first token is not predicted from the previous document): say so when reading them.
 """
 
@@ -30,13 +31,16 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ethos.rundir import read_status_record  # noqa: E402
 
 BASE = ["task=clm", "model=mha"]
 ROWS = {
     "baseline": BASE,
     "baseline_leaky": [*BASE, "data.doc_mask=false"],
     "modern": ["experiment=modern_decoder"],
+    "modern_lr5e-4": ["experiment=modern_decoder", "optim.lr=5e-4"],  # AdamW's part at the baseline's lr
     # add one in: the baseline plus one key of experiment=modern_decoder
+    "lr3e-3": [*BASE, "optim.lr=3e-3"],  # the recipe's AdamW lr (all of the baseline's parameters)
     "no_reset_positions": [*BASE, "data.reset_positions=false"],
     "gqa": ["task=clm", "model=gqa", "model.attn.n_kv_heads=4"],
     "qk_norm": [*BASE, "model.attn.qk_norm=true"],
@@ -100,7 +104,7 @@ def main(argv=None):
     curves = {}
     for name in tqdm(names, desc=f"runs ({steps} steps of {args.batch_size} x {args.seq_len})"):
         run = out / name
-        if not (run / "csv" / "metrics.csv").exists() or not curve(run) or curve(run)[-1][0] < steps:
+        if (read_status_record(run) or {}).get("status") != "done":  # finished runs are read, not rerun
             cmd = [sys.executable, str(ROOT / "train.py"), *ROWS[name], *common, f"hydra.run.dir={run}", "resume=never"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
