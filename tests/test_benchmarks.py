@@ -136,11 +136,12 @@ TINY_DECODER = ["model.d_model=32", "model.n_heads=4", "model.head_dim=8", "mode
 
 @pytest.mark.slow
 def test_bench_decoder(tmp_path):
-    run("bench_decoder.py", "--warmup", "1", "--repeats", "1", "--batch", "2", "--seq-len", "32", "--doc-len", "10",
-        "--vocab", "64", "--overrides", *TINY_DECODER, "--out", str(tmp_path / "decoder"))
+    # the modern recipe only (the reference differs in overrides alone): one torch.compile, not two, in CI
+    run("bench_decoder.py", "--configs", "modern", "--warmup", "1", "--repeats", "1", "--batch", "2", "--seq-len",
+        "32", "--doc-len", "10", "--vocab", "64", "--overrides", *TINY_DECODER, "--out", str(tmp_path / "decoder"))
     rows = table(tmp_path / "decoder.csv")
     assert {(r["config"], r["compiled"], r["doc_mask"]) for r in rows} == {
-        (c, comp, mask) for c in ("reference", "modern") for comp in ("False", "True") for mask in ("False", "True")}
+        ("modern", comp, mask) for comp in ("False", "True") for mask in ("False", "True")}
     positive(rows, "ms", "tokens_per_s", "compiled_over_eager", "masked_over_unmasked")
     assert (tmp_path / "decoder.png").stat().st_size > 0
 

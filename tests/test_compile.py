@@ -17,7 +17,7 @@ SCORES = ["softmax", "softmax1", "sink", "sigmoid", "relu"]
 
 
 def backbone(model: str, task: str, score: str, extra: tuple[str, ...] = ()):
-    cfg = compose([f"model={model}", f"task={task}", f"model.attn.score={score}", "model.n_layers=2",
+    cfg = compose([f"model={model}", f"task={task}", f"model.attn.score={score}", "model.n_layers=1",
                    "model.d_model=64", "model.n_heads=4", "model.rope_dims=8", *extra])
     return (Decoder if task == "clm" else Encoder)(instantiate(cfg.model), vocab_size=100)
 
