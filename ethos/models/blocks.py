@@ -152,8 +152,10 @@ class TextBackbone(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         if self.pos_embed is not None:
             nn.init.normal_(self.pos_embed.weight, std=0.02)
-        if self.lm_head is not None:  # zero with model.zero_init (modded-nanogpt): the first logits are uniform
-            nn.init.zeros_(self.lm_head.weight) if cfg.zero_init else nn.init.normal_(self.lm_head.weight, std=0.02)
+        if self.lm_head is not None and cfg.zero_init:  # modded-nanogpt: the first logits are uniform
+            nn.init.zeros_(self.lm_head.weight)
+        elif self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
 
     def flops_per_token(self, seq_len: int, batch_size: int, head_fraction: float) -> float:
         """Forward FLOPs per token position: the trunk, plus the vocabulary head at the fraction of

@@ -182,8 +182,9 @@ def flex_block_mask(attn_mask: Tensor | None, is_causal: bool, doc_ids: Tensor |
     pad = attn_mask.bool() if attn_mask is not None else None
 
     def mask_mod(b, h, qi, ki):
-        keep = pad[b, ki] | ~pad[b, qi] if (pad is not None and doc_ids is not None) else (
-            pad[b, ki] if pad is not None else qi >= 0)
+        keep = qi >= 0  # every key
+        if pad is not None:  # no padding key for a real query (with documents, padding rows see padding)
+            keep = pad[b, ki] | ~pad[b, qi] if doc_ids is not None else pad[b, ki]
         if doc_ids is not None:
             keep = keep & (doc_ids[b, qi] == doc_ids[b, ki])
         return keep & (ki <= qi) if is_causal else keep
