@@ -12,11 +12,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # one thread per xdist worker and per subprocess it starts: two workers with a thread pool each on two cores
+    # spin against one another, and the suite takes as long as in one process
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
-    """One data cache for the session: the offline corpus is tokenised once."""
+    """One data cache per session (per xdist worker): the offline corpus is tokenised once, and no test writes
+    the repository's own cache, which two workers would race on."""
     path = Path(os.environ.get("ETHOS_TEST_CACHE", tmp_path_factory.mktemp("cache")))
     os.environ["ETHOS_CACHE"] = str(path)
     return path
