@@ -227,3 +227,25 @@ def test_rank_callback_gathers_sharded_weights(tmp_path):
     for key, value in want.items():
         assert [s for s, _ in m[key]] == [0, 3, 6], key
         assert m[key][-1][1] == value, key
+
+
+# The standard MoE (ethos/models/moe/routed.py): experts replicated on every process; the balancing bias moves
+# by the loads summed over both processes, so it takes the one-process run's values exactly
+MOE = ["model=moe", "model.ffn.num_experts=8", "model.ffn.top_k=2", "model.ffn.d_expert=32", "model.ffn.n_shared=1",
+       "model.ffn.bias_rate=0.01", "model.ffn.aux_loss=0.01"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_moe_trains_on_two_processes_as_one_bias_included(strategy, cache_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"{strategy}_moe")
+    res = run_ddp(tmp, "moe", STEPS, MOE, strategy=strategy)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = ckpt(tmp / "train" / "runs" / "moe")
+    one = ckpt(one_process(tmp_path_factory.mktemp("one_moe"), "clm", extra=MOE))
+    assert_same_training_state(one, two, rtol=1e-4, atol=1e-6, opt_atol=1e-7)
+    biases = [k for k in one["state_dict"] if k.endswith(".ffn.bias")]
+    assert len(biases) == 2 and all(one["state_dict"][k].abs().sum() > 0 for k in biases)  # it moved
+    for k in biases:  # multiples of bias_rate: equal, not close
+        assert torch.equal(one["state_dict"][k], two["state_dict"][k]), k

@@ -23,7 +23,8 @@ from ethos.study import train
 MUON = [  # the weight-decayed matrices of the Transformer blocks
     r"^model\.trunk\.blocks\.\d+\.attn\.(qkv|out|qkv_a|q_b|kv_b|o_a|o_b)\.weight$",  # MHA, MLA, MLA-o
     r"^model\.trunk\.blocks\.\d+\.attn\.attend\.gate\.weight$",  # the output gate's W_g
-    r"^model\.trunk\.blocks\.\d+\.ffn\.(w13|w1|w2)\.weight$",  # dense FFNs (SwiGLU, MLP)
+    r"^model\.trunk\.blocks\.\d+\.ffn\.(shared\.)?(w13|w1|w2)\.weight$",  # dense FFNs (SwiGLU, MLP), MoE's shared
+    r"^model\.trunk\.blocks\.\d+\.ffn\.gate\.weight$",  # MoE's router
     r"^model\.trunk\.blocks\.\d+\.ffn\.router\.query\.weight$",  # the product-key router's query projection
     r"^model\.trunk\.blocks\.\d+\.ffn\.(w1|w_u|w_v)$",  # ETHOS's generator: shared projections
 ]
@@ -40,6 +41,7 @@ ADAMW = [  # everything else
     r"\.router\.sub_keys$",  # product keys (PEER and ETHOS alike)
     r"\.ffn\.(down|up)\.weight$",  # PEER's expert tables u_i, v_i
     r"\.ffn\.latents$",  # ETHOS's expert table z_i
+    r"\.ffn\.(w13|w2)$",  # MoE's routed experts: 3-D (E, d, 2f), (E, f, d); torch's Muon takes matrices only
     r"\.attn\.attend\.sink$",  # score=sink: learned per-head null logits
 ]
 # every attention and FFN option on the default model, too (new ones are picked up as they appear)

@@ -30,7 +30,9 @@ NO_DECAY = [
 DECAY = [
     r"\.attn\.(qkv|out|qkv_a|q_b|kv_b|o_a|o_b)\.weight$",  # attention projections (MHA, MLA, MLA-o)
     r"\.attn\.attend\.gate\.weight$",              # the output gate's projection W_g
-    r"\.ffn\.(w13|w1|w2)\.weight$",                # dense FFNs (SwiGLU, MLP)
+    r"\.ffn\.(shared\.)?(w13|w1|w2)\.weight$",     # dense FFNs (SwiGLU, MLP), MoE's shared experts
+    r"\.ffn\.(w13|w2)$",                           # MoE's routed experts: (E, d, 2f) and (E, f, d) tables
+    r"\.ffn\.gate\.weight$",                       # MoE's router
     r"\.router\.query\.weight$",                   # the product-key router's query projection
     r"\.ffn\.(w1|w_u|w_v)$",                       # ETHOS's generator: shared projections
     r"^model\.patch_embed\.proj\.weight$",         # ViT patch projection (a conv)

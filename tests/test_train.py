@@ -66,6 +66,24 @@ def test_resume_continues_with_identical_state(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_moe_resume_continues_the_balancing_bias(cache_dir, tmp_path):
+    """model=moe stopped and resumed: weights, optimizer state and the bias (a buffer, updated outside the
+    gradient) equal an uninterrupted run's."""
+    moe = ("model=moe", "model.ffn.num_experts=8", "model.ffn.top_k=2", "model.ffn.d_expert=32",
+           "model.ffn.bias_rate=0.01")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(resume_cfg(straight, 10, moe))
+    train(resume_cfg(split, 6, moe))
+    train(resume_cfg(split, 10, moe))
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    assert_same_training_state(a, split / "checkpoints" / "last.ckpt")
+    biases = [k for k in a["state_dict"] if k.endswith(".ffn.bias")]
+    assert biases and all(a["state_dict"][k].abs().sum() > 0 for k in biases)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in biases)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_interrupt_saves_and_same_command_resumes(cache_dir, tmp_path):
     common = [sys.executable, str(ROOT / "train.py"), *TINY, "callbacks.checkpoint.every_n_train_steps=5",

@@ -5,9 +5,14 @@ The task sets `flops_per_batch` before every training batch (closed form, `Task.
 FLOPs per token x tokens in the batch, image batches counting patches), and says how many samples and
 tokens a batch holds (`Task.batch_dims`). The library keeps the window and computes the rates, and MFU
 where it knows the device peak (CUDA); we only rename its metrics to perf/samples_per_sec,
-perf/tokens_per_sec, perf/flops_per_sec (also on CPU) and perf/mfu (world-wide rates on several devices).
+perf/tokens_per_sec, perf/flops_per_sec (also on CPU) and perf/mfu (world-wide rates on several devices). Beside
+them, perf/peak_memory_gib: the device's peak allocated memory on CUDA (torch.cuda.max_memory_allocated), the
+process's peak resident memory on CPU (model, optimizer, activations and data alike).
 """
 
+import resource
+
+import torch
 from lightning.pytorch.callbacks import RichModelSummary, ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
@@ -51,8 +56,16 @@ class Throughput(ThroughputMonitor):
             value = metrics.get(key, metrics.get(f"device/{key}"))  # mfu is the same for one device or all
             if value is not None:
                 out[f"perf/{name}"] = float(value)
+        if out:
+            out["perf/peak_memory_gib"] = peak_memory_gib(trainer.strategy.root_device)
         for logger in trainer.loggers if out else ():
             logger.log_metrics(out, step=step - 1)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class ModelSummary(RichModelSummary):

@@ -106,12 +106,15 @@ def init_linear(m: nn.Module, n_layers: int, zero_out: bool = False) -> None:
             nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * n_layers) if residual else 0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+    elif hasattr(m, "init_experts"):  # expert tables of their own (ethos.models.moe.MoE): the same scheme
+        m.init_experts(n_layers, zero_out)
 
 
 def count_params(model: nn.Module, embedding_names: tuple[str, ...] = ("embed", "pos_embed", "lm_head")
                  ) -> dict[str, int]:
-    """Total, non-embedding and attention parameter counts (tied weights counted once; an untied vocabulary
-    head counts as embedding, as Kaplan et al.'s non-embedding N excludes both vocabulary matrices)."""
+    """Total, non-embedding, attention and active parameter counts (tied weights counted once; an untied
+    vocabulary head counts as embedding, as Kaplan et al.'s non-embedding N excludes both vocabulary matrices).
+    Active: what one token uses, the total less what each expert layer leaves unused (its `active_params()`)."""
     seen, total, emb, attn = set(), 0, 0, 0
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -123,7 +126,10 @@ def count_params(model: nn.Module, embedding_names: tuple[str, ...] = ("embed", 
             emb += p.numel()
         if "attn" in parts:
             attn += p.numel()
-    return {"params/total": total, "params/non_embedding": total - emb, "params/attention": attn}
+    unused = sum(sum(p.numel() for p in m.parameters()) - m.active_params()
+                 for m in model.modules() if hasattr(m, "active_params"))
+    return {"params/total": total, "params/non_embedding": total - emb, "params/attention": attn,
+            "params/active": total - unused}
 
 
 def mark_residual_outputs(module: nn.Module) -> None:

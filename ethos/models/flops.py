@@ -1,8 +1,8 @@
 """FLOPs: our counting convention, and a FlopCounterMode that sees every op our models run.
 
 The closed forms live next to the modules, like `param_count`: `MHA.flops`, `MLA.flops`, `MLAO.flops`,
-`SwiGLU.flops`, `MLP.flops`, `ProductKeyRouter.flops`, `PEER.flops`, `LatentExperts.flops` (forward
-FLOPs per token), summed by `Block.flops` / `Trunk.flops`, plus embeddings and heads in the backbones'
+`SwiGLU.flops`, `MLP.flops`, `MoE.flops`, `ProductKeyRouter.flops`, `PEER.flops`, `LatentExperts.flops`
+(forward FLOPs per token), summed by `Block.flops` / `Trunk.flops`, plus embeddings and heads in the backbones'
 `flops_per_token` (Encoder, Decoder, ViT). tests/test_flops.py checks them against the counter below.
 
 Convention
@@ -52,6 +52,18 @@ def _bag_scatter(grad, indices, offset2bag, bag_size, maximum_indices, num_weigh
     return (2 if per_sample_weights is not None else 1) * indices[0] * grad[1]
 
 
+def _grouped_mm(a, b, *args, out_shape=None, **kwargs) -> int:
+    # the MoE's grouped GEMM (ethos/models/moe/routed.py): every row of a jagged operand meets one group's
+    # matrix, so the work is that of one dense matmul over all rows; the backward runs the same op
+    if len(a) == 2 and len(b) == 3:     # (M, K) x (G, K, N): forward, and the input gradient
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 2 and len(b) == 2:     # (K, M) x (M, N), M jagged: the weight gradient
+        return 2 * a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 2:     # (G, M, K) x (K, N), N jagged
+        return 2 * a[1] * a[2] * b[1]
+    return 2 * a[0] * a[1] * a[2] * b[2]  # (G, M, K) x (G, K, N): a batched matmul
+
+
 def flop_counter(display: bool = False) -> FlopCounterMode:
     """torch's FlopCounterMode plus formulas for ops it does not know and our models run on CPU."""
     aten = torch.ops.aten
@@ -63,5 +75,6 @@ def flop_counter(display: bool = False) -> FlopCounterMode:
         aten._embedding_bag_forward_only: _bag_sum,
         aten._embedding_bag_per_sample_weights_backward: _bag_dots,
         aten._embedding_bag_dense_backward: _bag_scatter,
+        aten._grouped_mm: _grouped_mm,
     }
     return FlopCounterMode(display=display, custom_mapping=extra)

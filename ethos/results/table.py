@@ -1,6 +1,7 @@
-"""The results table: every run dir under a directory becomes a row (its overrides, variant, parameter counts,
-best and final validation loss and bits per byte, downstream accuracy, tokens/s, status); runs that differ only
-in `seed` form a group, reported as mean ± std over its finished runs; both as Markdown."""
+"""The results table: every run dir under a directory becomes a row (its overrides, variant, parameter counts total
+and active per token, best and final validation loss and bits per byte, downstream accuracy, tokens/s, peak memory,
+expert-layer balance, status); runs that differ only in `seed` form a group, reported as mean ± std over its
+finished runs; both as Markdown."""
 
 import math
 from pathlib import Path
@@ -10,8 +11,9 @@ from omegaconf import OmegaConf
 from ethos.results.groups import describe, parse_line
 from ethos.rundir import STATUS_FILE, read_status_record, run_dir_of
 
-NUMERIC = ["params_total", "params_non_embedding", "params_attention", "val_loss_best", "val_loss_final",
-           "val_bpb_best", "val_bpb_final", "train_loss_final", "downstream_acc", "tokens_per_sec", "steps"]
+NUMERIC = ["params_total", "params_active", "params_non_embedding", "params_attention", "val_loss_best",
+           "val_loss_final", "val_bpb_best", "val_bpb_final", "train_loss_final", "downstream_acc", "tokens_per_sec",
+           "peak_memory_gib", "expert_usage", "max_load", "steps"]
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -60,7 +62,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
         row["pretrained"] = str(cfg.get("pretrained") or "")
         hparams = run_dir / "csv" / "hparams.yaml"
         params = OmegaConf.to_container(OmegaConf.load(hparams)) if hparams.exists() else {}
-        for key in ("total", "non_embedding", "attention"):
+        for key in ("total", "active", "non_embedding", "attention"):
             row[f"params_{key}"] = params.get(f"params/{key}", math.nan)
         df = metrics(run_dir)
         for key in ("loss", "bpb"):  # bits per byte: the loss in a unit no tokenizer changes (language models)
@@ -72,6 +74,10 @@ def run_row(run_dir: Path, root: Path) -> dict:
             else math.nan
         rate = df["perf/tokens_per_sec"].dropna() if "perf/tokens_per_sec" in df else []
         row["tokens_per_sec"] = float(rate.mean()) if len(rate) else math.nan
+        row["peak_memory_gib"] = float(df["perf/peak_memory_gib"].max()) if "perf/peak_memory_gib" in df else math.nan
+        for stat in ("expert_usage", "max_load"):  # expert layers: the last logged value, mean over layers
+            values = [_last(df, c) for c in df if c.startswith("experts/") and c.endswith(f"/{stat}")]
+            row[stat] = sum(values) / len(values) if values else math.nan
         row["steps"] = int(df["step"].max()) + 1 if "step" in df and len(df) else 0
         record = read_status_record(run_dir)
         if record is not None:
@@ -159,13 +165,13 @@ def markdown(df, groups) -> str:
     lines += ["## Per group (mean ± std over seeds, finished runs)", ""]
     if len(groups):
         table = groups[["group", "variant", "runs", "done"]].copy()
-        for key in ("params_total", "val_loss_best", "val_loss_final", "val_bpb_best", "val_bpb_final",
-                    "downstream_acc", "tokens_per_sec"):
+        for key in ("params_total", "params_active", "val_loss_best", "val_loss_final", "val_bpb_best",
+                    "val_bpb_final", "downstream_acc", "tokens_per_sec", "peak_memory_gib", "expert_usage", "max_load"):
             table[key] = [_pm(m, s) for m, s in zip(groups[f"{key}_mean"], groups[f"{key}_std"])]
         lines.append(table.to_markdown(index=False))
-    per_run = df[["group", "variant", "seed", "status", "params_total", "params_non_embedding", "params_attention",
-                  "val_loss_best", "val_loss_final", "val_bpb_best", "val_bpb_final", "downstream_acc",
-                  "tokens_per_sec", "error"]]
+    per_run = df[["group", "variant", "seed", "status", "params_total", "params_active", "params_non_embedding",
+                  "params_attention", "val_loss_best", "val_loss_final", "val_bpb_best", "val_bpb_final",
+                  "downstream_acc", "tokens_per_sec", "peak_memory_gib", "expert_usage", "max_load", "error"]]
     per_run = per_run.sort_values(["group", "seed"], na_position="last")
     per_run = per_run.astype(object).where(per_run.notna(), None)  # blank cells, not "nan"
     lines += ["", "## Per run", "", per_run.to_markdown(index=False, floatfmt=".4g", missingval=""), ""]

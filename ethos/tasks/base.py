@@ -2,6 +2,7 @@
 validation history, closed-form FLOPs and parameter counts."""
 
 import lightning as L
+import torch
 
 from ethos.models.blocks import count_params
 from ethos.models.flops import TRAIN_FACTOR
@@ -79,6 +80,35 @@ class Task(L.LightningModule):
                 group["lr"] = lr * scale
             out.append(group)
         return out
+
+    # experts balanced by a bias outside the gradient (ethos.models.moe.MoE): loads summed over the step's
+    # micro-batches and processes, then one update per optimizer step, the same on every process
+    def balanced_experts(self) -> list:
+        return [m for m in self.modules() if hasattr(m, "update_bias")]
+
+    def on_after_backward(self) -> None:
+        for m in self.balanced_experts():
+            m.accumulate()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        experts = [m for m in self.balanced_experts() if m.pending is not None]
+        if not experts:
+            return
+        loads = torch.stack([m.pending for m in experts])
+        if self.trainer.world_size > 1:  # one all-reduce for every layer
+            loads = self.trainer.strategy.reduce(loads, reduce_op="sum")
+        for m, load in zip(experts, loads):
+            m.update_bias(load)
+
+    def with_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The training loss plus the expert layers' auxiliary losses of this forward (MoE's sequence-wise balance
+        loss, when model.ffn.aux_loss > 0), logged as train/aux_loss."""
+        aux = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        if not aux:
+            return loss
+        total = torch.stack(aux).sum()
+        self.log("train/aux_loss", total.detach())
+        return loss + total
 
     def configure_optimizers(self):
         o = self.optim

@@ -65,7 +65,7 @@ class ImageClassifier(Task):
         n = batch["label"].shape[0]
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=n)
         self.log("train/skipped_images", float(self.train_skipped), batch_size=n)
-        return loss
+        return self.with_aux_loss(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_skipped.update(batch["skipped"])

@@ -68,7 +68,7 @@ class SequenceClassifier(Task):
         loss = F.cross_entropy(logits.float(), batch["labels"])
         self.train_acc(logits, batch["labels"])
         self.log_dict({"train/loss": loss, "train/acc": self.train_acc}, prog_bar=True)
-        return loss
+        return self.with_aux_loss(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -79,7 +79,7 @@ class LanguageModel(Task):
                       prog_bar=True, batch_size=n)
         if n_bytes is not None:
             self.log("train/bpb", nll / (math.log(2) * nbytes.clamp(min=1)), batch_size=n)
-        return loss
+        return self.with_aux_loss(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, correct, n = self._step(batch)

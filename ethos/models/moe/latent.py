@@ -69,6 +69,11 @@ class LatentExperts(nn.Module):
             return "triton" if device.type == "cuda" else "torch"
         return self.impl
 
+    def active_params(self) -> int:
+        """Parameters one token uses: the router, the shared generator and the z_i of its H * k selections."""
+        unused = self.latents.numel() - self.n_heads * self.top_k * self.latents.shape[1]
+        return sum(p.numel() for p in self.parameters()) - unused
+
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         B, T, d = x.shape
         xf, idx, s, stats = self.router.route(x, pad_mask, with_stats=self.training)

@@ -41,6 +41,11 @@ class PEER(nn.Module):
         router = ProductKeyRouter.flops(d_model, num_experts, n_heads, top_k, d_query)
         return router + n_heads * top_k * 2 * 2 * d_model
 
+    def active_params(self) -> int:
+        """Parameters one token uses: the whole router and the u_i, v_i of its H * k selected experts."""
+        router = sum(p.numel() for p in self.router.parameters())
+        return router + self.router.n_heads * self.router.top_k * 2 * self.down.weight.shape[1]
+
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         B, T, d = x.shape
         xf, idx, s, stats = self.router.route(x, pad_mask, with_stats=self.training)
