@@ -161,3 +161,17 @@ def test_decoder_ablation(tmp_path, cache_dir):
         assert math.isclose(float(rows[name]["final_bpb"]), finals[name], abs_tol=1e-4)
     assert math.isclose(float(rows["qk_norm"]["contribution"]), finals["baseline"] - finals["qk_norm"], abs_tol=2e-4)
     assert (tmp_path / "ablation" / "steps2" / "ablation.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_moe(tmp_path):
+    out = run("bench_moe.py", "--configs", "reference", "--tokens", "128", "--warmup", "0", "--repeats", "1",
+              "--out", str(tmp_path))
+    rows = table(tmp_path / "bench_moe.csv")
+    impls = {r["impl"] for r in rows}
+    assert {"moe", "moe-padded", "loop", "dense"} <= impls
+    positive(rows, "ms", "x_vs_loop", "params_m", "active_params_m")
+    # the script's own check: our layer computes the loop's (and transformers') layer on the same weights
+    assert all(float(r["max_abs_dev_vs_loop"]) < 1e-5 for r in rows)
+    assert all(r["max_abs_dev_vs_hf"] == "" or float(r["max_abs_dev_vs_hf"]) < 1e-5 for r in rows)
+    assert "against the loop's" in out
