@@ -94,22 +94,21 @@ def test_grouped_gemm_equals_the_padded_batch(dtype, tol):
 
 
 def test_the_compiler_s_custom_op_equals_the_eager_path():
-    """Under torch.compile the padded path runs as ethos::moe_padded (its backward recomputes the forward): the
-    same values and gradients, and registrations torch's opcheck accepts."""
+    """Under torch.compile the padded path runs as ethos::moe_padded (its backward written out): the same values
+    and gradients, and registrations torch's opcheck accepts."""
     from ethos.models.moe.routed import padded_experts, padded_experts_op
 
     torch.manual_seed(0)
-    expert = torch.randint(0, E, (40,)).sort().values
-    counts = torch.bincount(expert, minlength=E)
-    xs, w13, w2 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((40, D), (E, D, 2 * F_),
-                                                                                         (E, F_, D)))
-    g = torch.randn(40, D, dtype=torch.float64)
-    want = padded_experts(xs, expert, counts, w13, w2)
-    got = padded_experts_op(xs, expert, counts, w13, w2)
+    idx = torch.rand(13, E).argsort(-1)[:, :K]  # distinct experts per token, uneven loads
+    x, w13, w2 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((13, D), (E, D, 2 * F_),
+                                                                                        (E, F_, D)))
+    g = torch.randn(13, K, D, dtype=torch.float64)
+    want = padded_experts(x, idx, w13, w2)
+    got = padded_experts_op(x, idx, w13, w2)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    for a, b in zip(torch.autograd.grad(got, (xs, w13, w2), g), torch.autograd.grad(want, (xs, w13, w2), g)):
+    for a, b in zip(torch.autograd.grad(got, (x, w13, w2), g), torch.autograd.grad(want, (x, w13, w2), g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    torch.library.opcheck(padded_experts_op, (xs, expert, counts, w13, w2))
+    torch.library.opcheck(padded_experts_op, (x, idx, w13, w2))
 
 
 def test_ties_go_to_the_lower_expert_index():

@@ -20,9 +20,9 @@ contiguous slice, then
   grouped  torch's grouped GEMM (F.grouped_mm over the slices, no padding): CUDA and torch.compile;
   padded   each expert's slice copied into an (E, C, d) batch, C the largest load (one host sync), two bmm:
            CPU eager, any dtype;
-  auto     in half precision on CUDA and when compiling, grouped; in float32 there, padded (grouped_mm is a
-           bf16/fp16 kernel on CUDA and in the compiler); on CPU eager, padded while the largest load is within 2x
-           of the mean (bmm is the faster CPU kernel), grouped past it; in float64, padded (grouped_mm has none).
+  auto     grouped in bf16/fp16, and in float32 on CPU eager (faster there than the padded bmm, measured by
+           scripts/bench_moe.py); padded in float32 on CUDA and under the compiler (grouped_mm is a bf16/fp16
+           kernel there) and in float64 (grouped_mm has none).
 Under torch.compile the padded path is one custom op (ethos::moe_padded), as its shapes depend on the loads.
 and the outputs un-sorted with the inverse permutation and summed over k with the gates: no Python loop over
 experts and no atomics, so the result does not depend on the order of floating-point adds.
@@ -136,36 +136,30 @@ class MoE(nn.Module):
         return y.view(B, T, d)
 
     def experts(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
-        """sum_i gates[t, i] E_{idx[t, i]}(x_t) for (T, d) tokens: sorted by expert, one grouped or batched GEMM
+        """sum_i gates[t, i] E_{idx[t, i]}(x_t) for (T, d) tokens: grouped by expert, one grouped or batched GEMM
         per matrix, then back in token order."""
-        T, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)                                 # (T*k,) pairs, grouped by expert
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat))
+            0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
         dev = x.device.type  # under autocast: the activations' dtype (neither path is an autocast op)
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        xs, w13, w2 = x[order // k].to(dtype), self.w13.to(dtype), self.w2.to(dtype)  # xs: each pair's token
-        impl = self.resolved_impl(dtype, x.device, counts)
+        x, w13, w2 = x.to(dtype), self.w13.to(dtype), self.w2.to(dtype)
+        impl = self.resolved_impl(dtype, x.device)
         if impl == "grouped":
-            ys = grouped_experts(xs, counts, w13, w2)
+            y = grouped_experts(x, idx, counts, w13, w2)
         elif torch.compiler.is_compiling():  # its shapes depend on the loads: one opaque op for the compiler
-            ys = padded_experts_op(xs, flat[order], counts, w13, w2)
+            y = padded_experts_op(x, idx, w13, w2)
         else:
-            ys = padded_experts(xs, flat[order], counts, w13, w2)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return (ys[inverse].view(T, k, -1) * gates[..., None]).sum(1)
+            y = padded_experts(x, idx, w13, w2)
+        return (y * gates[..., None]).sum(1)
 
-    def resolved_impl(self, dtype: torch.dtype, device: torch.device, counts: Tensor) -> str:
+    def resolved_impl(self, dtype: torch.dtype, device: torch.device) -> str:
         if self.impl != "auto":
             return self.impl
-        if not grouped_mm_available() or dtype == torch.float64:
-            return "padded"
-        if device.type == "cuda" or torch.compiler.is_compiling():  # CUDA's and the compiler's: half precision
-            return "grouped" if dtype in (torch.bfloat16, torch.float16) else "padded"
-        # CPU eager: the batched bmm is the faster kernel while it pads little; an uneven router (a fresh one, say)
-        # would pad every expert to the largest load, so past 2x the mean the grouped GEMM takes over
-        return "padded" if int(counts.max()) * self.num_experts <= 2 * counts.sum() else "grouped"
+        # grouped_mm: bf16/fp16 on CUDA and in the compiler, float32 too on CPU eager (measured faster there than
+        # the padded bmm: scripts/bench_moe.py); none in float64
+        half = dtype in (torch.bfloat16, torch.float16)
+        cpu_eager = device.type == "cpu" and not torch.compiler.is_compiling() and dtype == torch.float32
+        return "grouped" if grouped_mm_available() and (half or cpu_eager) else "padded"
 
     # balance ----------------------------------------------------------------------------------------------
     def _account(self, idx: Tensor, gates: Tensor, scores: Tensor, real: Tensor | None, B: int, T: int) -> None:
@@ -210,60 +204,80 @@ class MoE(nn.Module):
                 f"n_shared={self.n_shared}, score={self.score}, impl={self.impl}")
 
 
-def grouped_experts(xs: Tensor, counts: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """Expert-sorted rows (M, d) through their experts' SwiGLU: torch's grouped GEMM over the slices."""
-    offs = counts.cumsum(0).to(torch.int32)  # end of each expert's slice
-    gate, up = F.grouped_mm(xs, w13, offs=offs).chunk(2, dim=-1)
-    return F.grouped_mm(F.silu(gate) * up, w2, offs=offs)
+def grouped_experts(x: Tensor, idx: Tensor, counts: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """(T, d) tokens through their experts idx (T, k) -> (T, k, d): the (token, expert) pairs stably sorted by
+    expert, torch's grouped GEMM over each expert's slice (int32 end offsets), then back in token order."""
+    T, k = idx.shape
+    order = idx.reshape(-1).argsort(stable=True)
+    offs = counts.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(x.index_select(0, order // k), w13, offs=offs).chunk(2, dim=-1)
+    ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offs)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return ys.index_select(0, inverse).view(T, k, -1)
 
 
-def _padded_batch(xs: Tensor, expert: Tensor, counts: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(E, C, d) batch of the expert-sorted rows, C the largest load (one host sync, so no token is dropped), and
-    each row's (expert, slot)."""
+def _padded_layout(idx: Tensor, E: int) -> tuple[Tensor, Tensor, int]:
+    """Where each pair sits in an (E, C, d) batch, C the largest load (one host sync, so no token is dropped):
+    `src` (E C,), the token each slot reads (T: a zero row, for the empty slots), and `pos` (T k,), each pair's
+    slot in token order. Slots follow the stable sort of the pairs by expert."""
+    T, k = idx.shape
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(E, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
     capacity = int(counts.max())
-    slot = torch.arange(xs.shape[0], device=xs.device) - (counts.cumsum(0) - counts)[expert]  # place in its slice
-    return xs.new_zeros(E, capacity, xs.shape[-1]).index_put((expert, slot), xs), expert, slot
+    expert = flat[order]
+    sorted_pos = expert * capacity + torch.arange(T * k, device=idx.device) - (counts.cumsum(0) - counts)[expert]
+    pos = torch.empty_like(sorted_pos).scatter_(0, order, sorted_pos)
+    src = torch.full((E * capacity,), T, dtype=torch.long, device=idx.device).scatter_(0, sorted_pos, order // k)
+    return src, pos, capacity
 
 
-def padded_experts(xs: Tensor, expert: Tensor, counts: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """The same through one (E, C, d) batch and two bmm."""
-    batch, e, slot = _padded_batch(xs, expert, counts, w13.shape[0])
+def padded_experts(x: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """The same through one (E, C, d) batch gathered from the tokens and two bmm; gathers both ways (index_select,
+    whose backward is a plain index_add), no scatter of copies, no atomics."""
+    (T, d), E = x.shape, w13.shape[0]
+    src, pos, capacity = _padded_layout(idx, E)
+    batch = torch.cat([x, x.new_zeros(1, d)]).index_select(0, src).view(E, capacity, d)
     gate, up = torch.bmm(batch, w13).chunk(2, dim=-1)
-    return torch.bmm(F.silu(gate) * up, w2)[e, slot]                   # empty slots stay 0: silu(0) * 0
+    out = torch.bmm(F.silu(gate) * up, w2)                             # empty slots stay 0: silu(0) * 0
+    return out.view(E * capacity, d).index_select(0, pos).view(T, idx.shape[1], d)
 
 
 # torch.compile: padded_experts as one custom op, so that its load-dependent shapes stay out of the graph; its
 # backward, a second op, recomputes the forward's activations from the saved inputs
 @torch.library.custom_op("ethos::moe_padded", mutates_args=())
-def padded_experts_op(xs: Tensor, expert: Tensor, counts: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    return padded_experts(xs, expert, counts, w13, w2)
+def padded_experts_op(x: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    return padded_experts(x, idx, w13, w2)
 
 
 @padded_experts_op.register_fake
-def _(xs, expert, counts, w13, w2):
-    return xs.new_empty(xs.shape[0], w2.shape[-1])
+def _(x, idx, w13, w2):
+    return x.new_empty(*idx.shape, w2.shape[-1])
 
 
 @torch.library.custom_op("ethos::moe_padded_backward", mutates_args=())
-def padded_experts_backward(grad: Tensor, xs: Tensor, expert: Tensor, counts: Tensor, w13: Tensor, w2: Tensor
+def padded_experts_backward(grad: Tensor, x: Tensor, idx: Tensor, w13: Tensor, w2: Tensor
                             ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of padded_experts for xs, w13, w2, written out (autograd does not run inside a custom op)."""
-    batch, e, slot = _padded_batch(xs, expert, counts, w13.shape[0])
+    """Gradients of padded_experts for x, w13, w2, written out (autograd does not run inside a custom op)."""
+    (T, d), E = x.shape, w13.shape[0]
+    src, pos, capacity = _padded_layout(idx, E)
+    batch = torch.cat([x, x.new_zeros(1, d)]).index_select(0, src).view(E, capacity, d)
     gate, up = torch.bmm(batch, w13).chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     act = gate * sig * up                                              # silu(gate) * up
-    g_out = torch.zeros_like(batch).index_put((e, slot), grad)
+    g_out = grad.new_zeros(E * capacity, d).index_copy_(0, pos, grad.reshape(-1, d)).view(E, capacity, d)
     g_act = torch.bmm(g_out, w2.transpose(1, 2))
     g_w2 = torch.bmm(act.transpose(1, 2), g_out)
     g_h = torch.cat([g_act * up * sig * (1 + gate * (1 - sig)), g_act * gate * sig], dim=-1)  # silu' and silu
     g_w13 = torch.bmm(batch.transpose(1, 2), g_h)
-    g_xs = torch.bmm(g_h, w13.transpose(1, 2))[e, slot]
-    return g_xs, g_w13, g_w2
+    g_batch = torch.bmm(g_h, w13.transpose(1, 2)).view(E * capacity, d)
+    g_x = x.new_zeros(T + 1, d).index_add_(0, src, g_batch)[:T]
+    return g_x, g_w13, g_w2
 
 
 @padded_experts_backward.register_fake
-def _(grad, xs, expert, counts, w13, w2):
-    return torch.empty_like(xs), torch.empty_like(w13), torch.empty_like(w2)
+def _(grad, x, idx, w13, w2):
+    return torch.empty_like(x), torch.empty_like(w13), torch.empty_like(w2)
 
 
 def _save(ctx, inputs, output):
@@ -271,9 +285,9 @@ def _save(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    xs, expert, counts, w13, w2 = ctx.saved_tensors
-    gx, g13, g2 = padded_experts_backward(grad.contiguous(), xs, expert, counts, w13, w2)
-    return gx, None, None, g13, g2
+    x, idx, w13, w2 = ctx.saved_tensors
+    g_x, g_w13, g_w2 = padded_experts_backward(grad.contiguous(), x, idx, w13, w2)
+    return g_x, None, g_w13, g_w2
 
 
 padded_experts_op.register_autograd(_backward, setup_context=_save)
