@@ -16,9 +16,10 @@ Timed, each on the same tokens and (for the MoE rows) the same weights:
   dense          SwiGLU of d_ff = (top_k + n_shared) x d_expert: the dense FFN of equal active parameters
 Configs: `reference` is experiment=ffn_ablation's MoE (d 256, 64 experts of 128, top 6, 2 shared: DeepSeekMoE's
 counts); `mid` doubles d and the expert width; `v3` has DeepSeek-V3's counts (256 experts, top 8, 1 shared) and
-its expert width over d (2048 / 7168, here 128 / 512). Reported: median ms, the naive loop's time over each (x vs loop), each over dense's, peak
-memory of a step (ethos.bench.step_peak_mb), parameters total and active, and the largest deviation of our output
-from the loop's and from transformers' (checks that all compute the same layer). Writes <out>/bench_moe.csv and .png.
+its expert width over d (2048 / 7168, here 128 / 512). Reported: median ms, the naive loop's time over each
+(x vs loop), each over dense's, peak memory of a step (ethos.bench.step_peak_mb), parameters total and active, and
+the largest deviation of our output from the loop's and from transformers' (checks that all compute the same
+layer). Writes <out>/bench_moe.csv and .png.
 """
 
 import argparse
