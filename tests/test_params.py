@@ -39,3 +39,19 @@ def test_gqa_and_qk_norm_counts_match_closed_form(tmp_path):
     per_layer = MHA.param_count(d, H, d_h, m.rope_dims, **kw)
     assert per_layer == 2 * d * H * d_h + 2 * d * 1 * d_h + 2 * d_h  # W_q, W_O; one W_k, W_v head; two gains
     assert [counts[f"params/layer{i}/attention"] for i in range(m.n_layers)] == [per_layer] * m.n_layers
+
+
+def test_active_parameters_of_the_expert_layers():
+    """params/active: what one token uses. PEER: the whole router and the u_i, v_i of its H k experts; ETHOS: the
+    router, the shared generator and the z_i of its H k selections; a dense FFN: all of it."""
+    import torch
+
+    from ethos.models.moe import PEER, LatentExperts
+
+    d, N, H, k, dq = 48, 256, 2, 4, 16
+    with torch.device("meta"):
+        peer = PEER(d, num_experts=N, n_heads=H, top_k=k, d_query=dq)
+        ethos = LatentExperts(d, num_experts=N, n_heads=H, top_k=k, d_query=dq, d_latent=8, d_hidden=24)
+    router = d * H * dq + 2 * H * dq + H * 2 * 16 * (dq // 2)  # query, BatchNorm, sub-keys (sqrt(N) = 16)
+    assert peer.active_params() == router + H * k * 2 * d
+    assert ethos.active_params() == router + 24 * 8 + 2 * 24 * d + H * k * 8

@@ -15,17 +15,15 @@ Dropless: every token reaches its k experts, whatever their load. Ties in s + b 
 (a stable sort), so the choice is deterministic. Padding (pad_mask False) is routed like any token, then gated
 out: zero output, no gradient, no load, no auxiliary loss.
 
-Compute: the T*k (token, expert) pairs are sorted by expert (a stable argsort), so each expert's tokens are one
-contiguous slice, then
-  grouped  torch's grouped GEMM (F.grouped_mm over the slices, no padding): CUDA and torch.compile;
-  padded   each expert's slice copied into an (E, C, d) batch, C the largest load (one host sync), two bmm:
-           CPU eager, any dtype;
+Compute, with no Python loop over the experts:
+  grouped  the T*k (token, expert) pairs stably sorted by expert, so each expert's tokens are one slice, then
+           torch's grouped GEMM over the slices (F.grouped_mm: no padding, no host sync);
+  padded   one (E, C, d) batch, C the largest load (one host sync), gathered from the tokens, then two bmm;
   auto     grouped in bf16/fp16, and in float32 on CPU eager (faster there than the padded bmm, measured by
            scripts/bench_moe.py); padded in float32 on CUDA and under the compiler (grouped_mm is a bf16/fp16
            kernel there) and in float64 (grouped_mm has none).
-Under torch.compile the padded path is one custom op (ethos::moe_padded), as its shapes depend on the loads.
-and the outputs un-sorted with the inverse permutation and summed over k with the gates: no Python loop over
-experts and no atomics, so the result does not depend on the order of floating-point adds.
+Under torch.compile the padded path is one custom op (ethos::moe_padded), as its shapes depend on the loads. The
+outputs come back in token order by gathers and are summed over each token's k with its gates.
 """
 
 import math
@@ -234,7 +232,7 @@ def _padded_layout(idx: Tensor, E: int) -> tuple[Tensor, Tensor, int]:
 
 def padded_experts(x: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     """The same through one (E, C, d) batch gathered from the tokens and two bmm; gathers both ways (index_select,
-    whose backward is a plain index_add), no scatter of copies, no atomics."""
+    whose backward is a plain index_add), no scatter of copies."""
     (T, d), E = x.shape, w13.shape[0]
     src, pos, capacity = _padded_layout(idx, E)
     batch = torch.cat([x, x.new_zeros(1, d)]).index_select(0, src).view(E, capacity, d)
