@@ -136,14 +136,12 @@ class MoE(nn.Module):
     def experts(self, x: Tensor, idx: Tensor, gates: Tensor) -> Tensor:
         """sum_i gates[t, i] E_{idx[t, i]}(x_t) for (T, d) tokens: grouped by expert, one grouped or batched GEMM
         per matrix, then back in token order."""
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).index_add_(
-            0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
         dev = x.device.type  # under autocast: the activations' dtype (neither path is an autocast op)
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x, w13, w2 = x.to(dtype), self.w13.to(dtype), self.w2.to(dtype)
         impl = self.resolved_impl(dtype, x.device)
         if impl == "grouped":
-            y = grouped_experts(x, idx, counts, w13, w2)
+            y = grouped_experts(x, idx, w13, w2)
         elif torch.compiler.is_compiling():  # its shapes depend on the loads: one opaque op for the compiler
             y = padded_experts_op(x, idx, w13, w2)
         else:
@@ -202,11 +200,13 @@ class MoE(nn.Module):
                 f"n_shared={self.n_shared}, score={self.score}, impl={self.impl}")
 
 
-def grouped_experts(x: Tensor, idx: Tensor, counts: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+def grouped_experts(x: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     """(T, d) tokens through their experts idx (T, k) -> (T, k, d): the (token, expert) pairs stably sorted by
     expert, torch's grouped GEMM over each expert's slice (int32 end offsets), then back in token order."""
     T, k = idx.shape
-    order = idx.reshape(-1).argsort(stable=True)
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(w13.shape[0], dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
     gate, up = F.grouped_mm(x.index_select(0, order // k), w13, offs=offs).chunk(2, dim=-1)
     ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offs)
