@@ -18,9 +18,14 @@ def build_model_config(cfg: DictConfig):
     """Instantiate and dry-build the model on the meta device: catches every size mistake in ~1 s."""
     import torch  # after validate(): a bad value is reported before the 3 s import
 
+    from ethos.models.lora import options, targets
+
     model_cfg = instantiate(cfg.model, _convert_="object")
     with torch.device("meta"):
-        backbone_for(cfg)(model_cfg)
+        backbone = backbone_for(cfg)(model_cfg)
+    lora = options(cfg.task.get("lora")) if cfg.get("task") else None
+    if lora is not None:
+        targets(backbone, lora)  # names that are not projections of this variant's blocks
     return model_cfg
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 from ethos.analysis.layouts import SUPPORTED
 from ethos.analysis.weights import PARTS, AttentionWeights, out_heads, per_head
 from ethos.errors import ConfigError
+from ethos.models import lora
 from ethos.models.attention import MHA, MLA, MLAO
 from ethos.models.blocks import Block
 from ethos.pretrained import load_task
@@ -39,12 +40,27 @@ class EthosSource:
         being trained; the retrofit the task it has loaded)."""
         if model is None:
             model = load_task(path)[0].model
+        if lora.is_lora(model):  # a LoRA fine-tune is read as the model it computes: adapters merged
+            model = lora.merged(model, dtype)
         self.name, self.dtype = str(path), dtype
+        self.model = model
         self.blocks = [m for m in model.modules() if isinstance(m, Block)]
         self.n_layers = len(self.blocks)
         cfg = model.cfg
+        self.rope_dims = cfg.rope_dims
         self.description = (f"ethos {type(model).__name__}: {self.n_layers} layers, d {cfg.d_model}, "
                             f"{cfg.n_heads} heads")
+
+    @torch.no_grad()
+    def vocab(self) -> tuple[Tensor, Tensor] | None:
+        """(E (V, d), U (d, V)) of a text backbone, the final norm's gain folded into U; None for a ViT."""
+        m = self.model
+        embed = getattr(m, "embed", None)
+        if embed is None:
+            return None
+        head = m.lm_head.weight if getattr(m, "lm_head", None) is not None else embed.weight
+        g = whole(m.trunk.norm.weight).detach().to(self.dtype)
+        return whole(embed.weight).detach().to(self.dtype), whole(head).detach().to(self.dtype).T * g[:, None]
 
     @torch.no_grad()
     def read(self, layer: int, parts=PARTS) -> AttentionWeights:

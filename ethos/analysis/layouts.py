@@ -27,11 +27,28 @@ class HFSource:
         cfg = self.cfg
         self.n_layers = cfg["num_hidden_layers"]
         self.prefix = layer_prefix(reader.weight_map, self.n_layers, name)
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        # RoPE channels per head: MLA's decoupled ones, or the rotated share of a GQA head (all by default)
+        self.rope_dims = (cfg["qk_rope_head_dim"] if self.attention == "mla"
+                          else int(head_dim * cfg.get("partial_rotary_factor", 1.0)))
         self.description = (f"{cls}: {self.n_layers} layers, d {cfg['hidden_size']}, "
                             f"{cfg['num_attention_heads']} heads")
 
     def read(self, layer: int, parts=PARTS) -> AttentionWeights:
         return (self._mla if self.attention == "mla" else self._gqa)(layer, set(parts))
+
+    def vocab(self) -> tuple[Tensor, Tensor] | None:
+        """(E (V, d), U (d, V)): the token embedding and the unembedding with the final norm's gain folded in
+        (logits = norm(x) W_headᵀ = (x / rms) diag(g) W_headᵀ); None where the checkpoint has no embedding."""
+        base, r = self.prefix.removesuffix("layers."), self.reader
+        embed = base + "embed_tokens.weight"
+        if embed not in r:
+            return None
+        e = r[embed]
+        head = next((n for n in ("lm_head.weight", base + "lm_head.weight") if n in r), None)
+        w = r[head] if head is not None else e  # tie_word_embeddings: the head is the embedding
+        g = self._norm(base + "norm.weight") if base + "norm.weight" in r else 1.0
+        return e, w.T * (g[:, None] if isinstance(g, Tensor) else g)
 
     def _norm(self, name: str) -> Tensor:
         return self.reader[name].to(self.reader.dtype)

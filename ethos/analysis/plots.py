@@ -11,7 +11,7 @@ TITLES = {"o_head": "W_O per head", "o": "W_O stacked", "qk": "W_QK per head", "
           "qa": "W_qa", "kva": "W_kva", "kr": "W_kr (rope key)"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib  # half a second to import: only when plotting
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _pyplot():
     return plt
 
 
-def _grid(plt, n: int, size=(4.0, 3.0)):
+def axes_grid(plt, n: int, size=(4.0, 3.0)):
     cols = min(n, 4)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
@@ -31,11 +31,11 @@ def _grid(plt, n: int, size=(4.0, 3.0)):
 
 def plot_erank(out: Path, rows: list[dict]) -> None:
     """Effective rank vs layer, one panel per kind: per-head kinds as the median over heads with a min-max band."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator  # matplotlib: only when plotting (see _pyplot)
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator  # matplotlib: only when plotting (see pyplot)
 
     kinds = [k for k in TITLES if any(r["kind"] == k for r in rows)]
-    fig, axes = _grid(plt, len(kinds))
+    fig, axes = axes_grid(plt, len(kinds))
     for ax, kind in zip(axes, kinds):
         sel = [r for r in rows if r["kind"] == kind]
         layers = sorted({r["layer"] for r in sel})
@@ -57,7 +57,7 @@ def plot_erank(out: Path, rows: list[dict]) -> None:
 
 
 def plot_heatmaps(out: Path, rows: list[dict], tau: float = TAUS[-1]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     for kind in HEAD_KINDS:
         sel = [r for r in rows if r["kind"] == kind]
         if not sel:
@@ -81,10 +81,10 @@ def plot_heatmaps(out: Path, rows: list[dict], tau: float = TAUS[-1]) -> None:
 
 def plot_spectra(out: Path, layer: int) -> None:
     """Normalised spectra s_j / s_1 of one layer, one panel per kind (every head a thin line)."""
-    plt = _pyplot()
+    plt = pyplot()
     svals, _ = load_layer(layer_path(out, layer))
     kinds = [k for k in TITLES if k in svals]
-    fig, axes = _grid(plt, len(kinds))
+    fig, axes = axes_grid(plt, len(kinds))
     for ax, kind in zip(axes, kinds):
         s = svals[kind].double()
         s = s if s.ndim == 2 else s[None]

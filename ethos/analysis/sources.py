@@ -20,6 +20,7 @@ from ethos.analysis.ethos_runs import EthosSource
 from ethos.analysis.layouts import HFSource, layout
 from ethos.analysis.readers import FileReader, HubRangeReader, hub_fetch
 from ethos.errors import ConfigError, DataUnavailable
+from ethos.rundir import run_dir_of
 
 USAGE = "SOURCE: a HF repo id, a directory with config.json and safetensors, or an ethos run dir / .ckpt"
 
@@ -76,3 +77,23 @@ def hf_source(name: str, fetch: Callable[[str], Path], dtype=torch.float32, rang
     reader = (HubRangeReader(weight_map, name, revision, block, dtype) if ranges
               else FileReader(weight_map, fetch, block, dtype))
     return HFSource(name, config, reader)
+
+
+def open_tokenizer(source: str, revision: str | None = None):
+    """The tokenizer that goes with SOURCE (a `tokenizers.Tokenizer` from its tokenizer.json): an ethos run's
+    tokenizer/ dir, a local directory's own, or the hub repo's; None where there is none (ids stay unnamed)."""
+    from tokenizers import Tokenizer
+
+    path = Path(source).expanduser()
+    if is_ethos_run(path):
+        file = run_dir_of(path) / "tokenizer" / "tokenizer.json"
+    elif path.is_dir():
+        file = path / "tokenizer.json"
+    elif path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return None
+    else:
+        try:
+            file = Path(hub_fetch(source, revision)("tokenizer.json"))
+        except (EntryNotFoundError, DataUnavailable, ConfigError, OSError):
+            return None
+    return Tokenizer.from_file(str(file)) if file.is_file() else None

@@ -25,14 +25,14 @@ COLUMNS = ["layer", "kind", "head", "rows", "cols", "n_sv", "sigma_1", "stable_r
            *[f"erank_{t}" for t in TAUS]]
 
 
-def start(out: Path, meta: dict) -> None:
+def start(out: Path, meta: dict, subdir: str = "svals") -> None:
     """Make `out` the store of the checkpoint `meta` describes: a fresh DIR, or one holding that checkpoint's
-    spectra already (a resume); another checkpoint's is refused."""
-    (out / "svals").mkdir(parents=True, exist_ok=True)
+    results already (a resume); another checkpoint's is refused. `subdir`: where the per-layer files go."""
+    (out / subdir).mkdir(parents=True, exist_ok=True)
     if (out / "meta.json").is_file():
         old = json.loads((out / "meta.json").read_text())
         if old.get("description") != meta["description"]:
-            raise ConfigError(f"--out {out}: holds the spectra of {old.get('source')} ({old.get('description')}), "
+            raise ConfigError(f"--out {out}: holds the results of {old.get('source')} ({old.get('description')}), "
                               f"not of {meta['source']}: choose another --out")
     atomic_write(out / "meta.json", json.dumps(meta, indent=1))
 
@@ -63,3 +63,11 @@ def write_tables(out: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     atomic_write(out / "spectra.json", json.dumps(rows))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """A table, written whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)

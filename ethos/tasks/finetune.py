@@ -4,9 +4,11 @@ pooled hidden state, cross-entropy, accuracy from torchmetrics.
 Pooling: `cls` (the encoder's first token, [CLS]), `mean` (over real tokens), or `last` (the decoder's last
 real token, the only one that has seen the whole input). `pretrained`: a run dir (its checkpoints/last.ckpt)
 or a checkpoint file; its backbone weights are loaded tensor for tensor, and anything but a head that does not
-match is an error naming the keys (ethos.pretrained).
+match is an error naming the keys (ethos.pretrained). `lora`: LoRA adapters on the backbone's projections
+instead of a full fine-tune (ethos/models/lora.py); the adapter is saved to <run dir>/adapter at the end.
 """
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ethos.models import lora as lora_
 from ethos.models.blocks import TextBackbone
 from ethos.models.config import ModelConfig
 from ethos.models.decoder import Decoder
@@ -27,7 +30,8 @@ class SequenceClassifier(Task):
     def __init__(self, model: ModelConfig, optim: OptimConfig, vocab_size: int, num_classes: int, pad_id: int = 0,
                  backbone: Literal["encoder", "decoder"] = "encoder", pooling: Literal["cls", "mean", "last"] = "cls",
                  pretrained: str | None = None, freeze: bool = False, dropout: float = 0.1,
-                 backbone_lr_scale: PositiveFloat = 1.0):
+                 backbone_lr_scale: PositiveFloat = 1.0, lora: lora_.LoraOptions | None = None):
+        lora = lora_.options(lora)  # a plain dict (or None: off) before the hyperparameters are saved
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.model = (Decoder if backbone == "decoder" else Encoder)(model, vocab_size, pad_id)
@@ -39,8 +43,15 @@ class SequenceClassifier(Task):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.adopt_backbone(pretrained, freeze, backbone_lr_scale=backbone_lr_scale)  # its head is outside self.model
+        self.lora = lora
+        if self.lora is not None:  # after the pretrained weights are in: peft freezes them, the adapters train
+            self.model = lora_.attach(self.model, self.lora)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def on_train_end(self) -> None:
+        if self.lora is not None and self.trainer.is_global_zero:  # peft's adapter files: config + safetensors
+            self.model.save_pretrained(str(Path(self.trainer.default_root_dir) / "adapter"))
 
     def pool(self, hidden: Tensor, mask: Tensor) -> Tensor:
         if self.pooling == "cls":
