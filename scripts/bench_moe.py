@@ -14,9 +14,10 @@ Timed, each on the same tokens and (for the MoE rows) the same weights:
   hf-grouped     the same module with transformers' grouped_mm experts (both left out, with a note, where the
                  installed transformers has no such module)
   dense          SwiGLU of d_ff = (top_k + n_shared) x d_expert: the dense FFN of equal active parameters
-Configs: `reference` is experiment=ffn_ablation's MoE (d 256, 64 experts of 128, top 6, 2 shared: DeepSeekMoE's
+Configs: `ablation` is experiment=ffn_ablation's MoE (d 256, 64 experts of 128, top 6, 2 shared: DeepSeekMoE's
 counts); `mid` doubles d and the expert width; `v3` has DeepSeek-V3's counts (256 experts, top 8, 1 shared) and
-its expert width over d (2048 / 7168, here 128 / 512). Reported: median ms, the naive loop's time over each
+about its expert width over d (2048 / 7168, here 128 / 512); `ethos_ref` the same counts at the width of the
+reference study's ETHOS decoder (d 1024, experts of 256), the layer an MoE baseline for it would have. Reported: median ms, the naive loop's time over each
 (x vs loop), each over dense's, peak memory of a step (ethos.bench.step_peak_mb), parameters total and active, and
 the largest deviation of our output from the loop's and from transformers' (checks that all compute the same
 layer). Writes <out>/bench_moe.csv and .png.
@@ -36,9 +37,10 @@ from ethos.models.ffn import SwiGLU
 from ethos.models.moe import MoE
 
 CONFIGS = {
-    "reference": dict(d_model=256, num_experts=64, top_k=6, d_expert=128, n_shared=2),
+    "ablation": dict(d_model=256, num_experts=64, top_k=6, d_expert=128, n_shared=2),
     "mid": dict(d_model=512, num_experts=64, top_k=6, d_expert=256, n_shared=2),
     "v3": dict(d_model=512, num_experts=256, top_k=8, d_expert=128, n_shared=1),
+    "ethos_ref": dict(d_model=1024, num_experts=256, top_k=8, d_expert=256, n_shared=1),
 }
 
 
@@ -101,7 +103,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--configs", default="reference,mid,v3", help="comma list of: " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default="ablation,mid,v3,ethos_ref", help="comma list of: " + ", ".join(CONFIGS))
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (32 x 128 by default)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)

@@ -165,7 +165,7 @@ def test_decoder_ablation(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_bench_moe(tmp_path):
-    out = run("bench_moe.py", "--configs", "reference", "--tokens", "128", "--warmup", "0", "--repeats", "1",
+    out = run("bench_moe.py", "--configs", "ablation", "--tokens", "128", "--warmup", "0", "--repeats", "1",
               "--out", str(tmp_path))
     rows = table(tmp_path / "bench_moe.csv")
     impls = {r["impl"] for r in rows}
