@@ -44,7 +44,7 @@ def sharing(out: Path, rows: list[dict]) -> None:
             grid = np.eye(n)
             for r in sel:
                 if r["side"] == side:
-                    grid[r["head_a"], r["head_b"]] = r["overlap"]
+                    grid[r["head_a"], r["head_b"]] = grid[r["head_b"], r["head_a"]] = r["overlap"]
             coords = next((r["coords"] for r in sel if r["side"] == side), "")
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", interpolation="nearest")
             ax.set_title(f"{side} subspaces ({coords}): mean cos²", fontsize=8)

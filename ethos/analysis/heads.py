@@ -11,8 +11,8 @@ matrices, their coordinates and the measures are in ethos/analysis/circuits.py a
                        ||W_VO^h||_F, σ1 and rank, and the copying score of the head's OV circuit
   pattern_pairs.csv    per head the top (query token, key token) pairs of E W_QK^h Eᵀ   } where the model has an
   message_pairs.csv    per head the top (read token, written token) pairs of E W_VO^h U  } embedding; blockwise
-  sharing.csv          per layer, side (read / write) and pair of heads: the mean cos² of the principal angles
-                       between their message subspaces, whether they share a GQA group (or MLA's latent), and
+  sharing.csv          per layer, side (read / write) and pair of heads (a < b): the mean cos² of the principal
+                       angles between their message subspaces, whether they share a GQA group (or MLA's latent), and
                        what random subspaces would give; sharing_summary.csv: within vs across groups
   heads.json, meta.json, layers/layer_XXX.json (each layer's results: a run started again skips those it has)
   PNGs                 heatmaps of the per-head measures; the sharing matrices per layer
@@ -71,12 +71,10 @@ def layer_heads(src, layer: int, vocab: dict | None, top: int = 20, dtype=torch.
         overlap = circuits.subspace_overlap(bases, r_vo)
         n = bases.shape[1]
         for a in range(H):
-            for b in range(H):
-                if a != b:
-                    out["sharing"].append({"layer": layer, "side": side, "coords": coords[side], "head_a": a,
-                                           "head_b": b, "same_group": bool(group[a] == group[b]),
-                                           "overlap": float(overlap[a, b]),
-                                           "chance": float(max(r_vo[a], r_vo[b]) / n)})
+            for b in range(a + 1, H):  # the overlap is symmetric: one row per pair
+                out["sharing"].append({"layer": layer, "side": side, "coords": coords[side], "head_a": a,
+                                       "head_b": b, "same_group": bool(group[a] == group[b]),
+                                       "overlap": float(overlap[a, b]), "chance": float(max(r_vo[a], r_vo[b]) / n)})
     return out
 
 
