@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_spectra import randomize_norms, save
+from test_spectra import deepseek, randomize_norms, save
 
 from conftest import compose
 from ethos.analysis import circuits, heads, lens
@@ -36,18 +36,7 @@ def qwen2(tie=True):
     return randomize_norms(Qwen2ForCausalLM(cfg).eval())
 
 
-def deepseek(q_lora_rank):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(4)
-    cfg = DeepseekV3Config(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank,
-                           kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-                           num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
-    return randomize_norms(DeepseekV3ForCausalLM(cfg).eval())
-
-
-HF_MODELS = {"llama": llama, "qwen2_tied_mqa": qwen2, "deepseek_q_latent": lambda: deepseek(24),
+HF_MODELS = {"llama": llama, "qwen2_tied_mqa": qwen2, "deepseek_q_latent": lambda: deepseek(32),
              "deepseek_no_q_latent": lambda: deepseek(None)}
 
 

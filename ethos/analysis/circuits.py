@@ -72,9 +72,10 @@ def product_svdvals(a: Tensor, b: Tensor, dtype=torch.float64) -> Tensor:
     return torch.linalg.svdvals(r_factor(a, dtype) @ r_factor(b, dtype).mT)
 
 
-def numerical_rank(s: Tensor, shape: tuple[int, int]) -> Tensor:
-    """torch.linalg.matrix_rank's default: singular values above max(m, n) eps s_1."""
-    tol = max(shape) * torch.finfo(s.dtype).eps * s[..., :1]
+def numerical_rank(s: Tensor, shape: tuple[int, int], sigma_1: Tensor | None = None) -> Tensor:
+    """torch.linalg.matrix_rank's default: singular values above max(m, n) eps s_1; `sigma_1` (..., 1) measures
+    them against another matrix's largest (an update against the matrix it updates)."""
+    tol = max(shape) * torch.finfo(s.dtype).eps * (s[..., :1] if sigma_1 is None else sigma_1)
     return (s > tol).sum(-1)
 
 

@@ -22,7 +22,6 @@ matrices, their coordinates and the measures are in ethos/analysis/circuits.py a
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from ethos.analysis import circuits
 from ethos.analysis.sources import open_source, open_tokenizer
 from ethos.analysis.store import start, write_csv
-from ethos.errors import ConfigError
+from ethos.errors import exits_on_config_error
 from ethos.files import atomic_write
 
 HEAD_COLUMNS = ["layer", "head", "group", "pattern_shape", "pattern_covers", "qk_fro", "qk_sigma1", "qk_rank",
@@ -151,11 +150,13 @@ def analyse(source: str, out: str | Path, first: int | None = None, top: int = 2
     todo = [i for i in layers if i not in results]
     tokenizer = open_tokenizer(source, revision)
     vocab = load_vocab(src, tokenizer, token_circuits_on, circuit_vocab, dtype) if todo else None
+    tables = None
     for i in tqdm(todo, desc="layers", unit="layer", disable=not progress, initial=len(results), total=len(layers)):
         results[i] = layer_heads(src, i, vocab, top, dtype)
         atomic_write(path(i), json.dumps(results[i]))
-        write_tables(out, results)
-    tables = write_tables(out, results)
+        tables = write_tables(out, results)
+    if tables is None:  # every layer was there already
+        tables = write_tables(out, results)
     if text is not None:
         from ethos.analysis import lens  # runs the model: only when asked to
 
@@ -185,12 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, key)
         if value is not None and value < 1:
             p.error(f"--{key.replace('_', '-')}={value}: must be a positive integer")
-    try:
+    with exits_on_config_error():
         tables = analyse(args.source, args.out, args.first, args.top, args.circuit_vocab, not args.no_circuits,
                          args.text, getattr(torch, args.dtype), args.revision, args.ranges)
-    except ConfigError as e:
-        print(f"ethos: {e.kind}: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"{len(tables['heads'])} heads -> {Path(args.out) / 'heads.csv'}")
 
 

@@ -23,7 +23,6 @@ rel for both matrices, layers.png the update per layer.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -31,8 +30,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ethos.analysis import circuits
+from ethos.analysis.spectra import r_factor
 from ethos.analysis.store import write_csv
-from ethos.errors import ConfigError
+from ethos.errors import ConfigError, exits_on_config_error
 from ethos.files import atomic_write
 
 COLUMNS = ["layer", "head", "kind", "delta_fro", "delta_sigma1", "base_fro", "rel", "rank", "in_col", "in_row",
@@ -43,16 +43,15 @@ def update_measures(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor],
     """Per head (tensors (H,)): the measures of ΔW = A' B'ᵀ - A Bᵀ from the factors before (A, B) and after."""
     (a, b), (a2, b2) = [(x.to(dtype), y.to(dtype)) for x, y in (before, after)]
     f, g = torch.cat([a2, a], -1), torch.cat([b2, -b], -1)  # ΔW = f gᵀ
-    s_delta = circuits.product_svdvals(f, g, dtype)
+    rf, rg = r_factor(f, dtype), r_factor(g, dtype)             # svdvals(f gᵀ) = svdvals(R_f R_gᵀ)
+    s_delta = torch.linalg.svdvals(rf @ rg.mT)
     left, s_base, right = circuits.product_svd(a, b, dtype)
     shape = (a.shape[1], b.shape[1])
     r = circuits.numerical_rank(s_base, shape)
-    tol = max(shape) * torch.finfo(dtype).eps * s_base[:, :1]
-    rank = (s_delta > tol).sum(-1)
+    rank = circuits.numerical_rank(s_delta, shape, sigma_1=s_base[:, :1])
     keep = (torch.arange(left.shape[-1]) < r[:, None])[:, None, :]  # the head's own subspaces: its rank r
     u, v = left * keep, right * keep
     x, y = u.mT @ f, v.mT @ g                                       # (H, k, 2 d_k): ΔW's factors seen from them
-    rf, rg = torch.linalg.qr(f, mode="r").R, torch.linalg.qr(g, mode="r").R
     total = s_delta.pow(2).sum(-1)
     share = lambda m: m.pow(2).sum((-1, -2)) / total.clamp_min(torch.finfo(dtype).tiny)  # noqa: E731
     return {"delta_fro": total.sqrt(), "delta_sigma1": s_delta[:, 0], "base_fro": s_base.norm(dim=-1),
@@ -152,11 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", default=None, help="the checkpoint RUN started from (a full fine-tune)")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype")
     args = p.parse_args(argv)
-    try:
+    with exits_on_config_error():
         rows = analyse(args.run, args.out, args.base, getattr(torch, args.dtype))
-    except ConfigError as e:
-        print(f"ethos: {e.kind}: {e}", file=sys.stderr)
-        sys.exit(2)
     top = max(rows, key=lambda r: r["rel"])
     print(f"{len(rows)} rows -> {Path(args.out) / 'updates.csv'}; moved most: layer {top['layer']} head "
           f"{top['head']} {top['kind']} (rel {top['rel']:.3g})")

@@ -27,7 +27,6 @@ tables are written after every layer; a run started again on the same DIR skips 
 
 import argparse
 import ctypes
-import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from ethos.analysis.plots import plot_all
 from ethos.analysis.sources import open_source
 from ethos.analysis.store import TAUS, layer_path, load_layer, save_layer, start, write_tables
 from ethos.analysis.weights import AttentionWeights
-from ethos.errors import ConfigError
+from ethos.errors import exits_on_config_error
 
 # what layer_spectra reads of a layer, in this order: W_O first, measured and let go before the rest is read
 READS = (("o",), ("q", "k", "v", "qa", "kva", "kr"))
@@ -186,12 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         plot_layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     except ValueError:
         p.error(f"--layers={args.layers}: expected comma-separated layer indices, e.g. 0,30,60")
-    try:
+    with exits_on_config_error():
         rows = analyse(args.source, args.out, plot_layers, args.first, getattr(torch, args.dtype), args.revision,
                        ranges=args.ranges)
-    except ConfigError as e:
-        print(f"ethos: {e.kind}: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"{len(rows)} rows -> {Path(args.out) / 'spectra.csv'}")
 
 

@@ -58,10 +58,7 @@ def load_layer(path: Path) -> tuple[dict, dict]:
 
 def write_tables(out: Path, rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: (r["layer"], r["kind"], -1 if r["head"] is None else r["head"]))
-    with atomic_path(out / "spectra.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "spectra.csv", rows, COLUMNS)
     atomic_write(out / "spectra.json", json.dumps(rows))
 
 

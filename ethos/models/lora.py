@@ -37,17 +37,20 @@ def options(lora) -> dict | None:
     return opts if opts["r"] > 0 else None
 
 
-def linear_names(model: nn.Module, within: str = ".blocks.") -> list[str]:
-    """The attribute names of the Linear layers of `model`'s blocks (`within` ".attn.": of their attention):
-    what `targets` may name."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and within in f".{name}."})
+def linear_paths(model: nn.Module, within: str = ".blocks.") -> list[str]:
+    """The module paths of `model`'s Linear layers inside its blocks (`within` ".attn.": inside their attention)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and within in f".{name}."]
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The attribute names of the Linear layers of `model`'s blocks: what `targets` may name."""
+    return sorted({path.rsplit(".", 1)[-1] for path in linear_paths(model)})
 
 
 def targets(model: nn.Module, opts: dict) -> list[str]:
     """The target names, checked: a name that is not a projection of the blocks is a one-line error."""
     if opts["targets"] is None:  # full paths: a bare name such as `gate` would also match an MoE router
-        return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".attn." in f".{name}."]
+        return linear_paths(model, ".attn.")
     valid = linear_names(model)
     bad = [t for t in opts["targets"] if t not in valid]
     if bad or not opts["targets"]:

@@ -200,13 +200,18 @@ class MoE(nn.Module):
                 f"n_shared={self.n_shared}, score={self.score}, impl={self.impl}")
 
 
+def expert_counts(flat: Tensor, E: int) -> Tensor:
+    """Pairs per expert (E,) of the flat expert indices; an index_add, as bincount's length depends on the data."""
+    return torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def grouped_experts(x: Tensor, idx: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
     """(T, d) tokens through their experts idx (T, k) -> (T, k, d): the (token, expert) pairs stably sorted by
     expert, torch's grouped GEMM over each expert's slice (int32 end offsets), then back in token order."""
     T, k = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.zeros(w13.shape[0], dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+    counts = expert_counts(flat, w13.shape[0])
     offs = counts.cumsum(0).to(torch.int32)
     gate, up = F.grouped_mm(x.index_select(0, order // k), w13, offs=offs).chunk(2, dim=-1)
     ys = F.grouped_mm(F.silu(gate) * up, w2, offs=offs)
@@ -221,7 +226,7 @@ def _padded_layout(idx: Tensor, E: int) -> tuple[Tensor, Tensor, int]:
     T, k = idx.shape
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.zeros(E, dtype=torch.long, device=idx.device).index_add_(0, flat, torch.ones_like(flat))
+    counts = expert_counts(flat, E)
     capacity = int(counts.max())
     expert = flat[order]
     sorted_pos = expert * capacity + torch.arange(T * k, device=idx.device) - (counts.cumsum(0) - counts)[expert]
