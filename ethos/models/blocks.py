@@ -177,15 +177,18 @@ class TextBackbone(nn.Module):
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
         """Hidden states (B, T, d) after the final norm. `doc_ids` (B, T) (document masking, padding a document
-        of its own) keep attention within each packed document; `positions` (B, T) restart at each one."""
+        of its own) keep attention within each packed document; `positions` (B, T) restart at each one;
+        `prefix` (B, T) span ids make each prefix bidirectional in a causal backbone (prefix-LM, `Docs`)."""
         x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device)
                                    if positions is None else positions)
         # built here, outside a compiled trunk: once per batch, shared by every layer
-        docs = None if doc_ids is None else docs_mask(doc_ids, attention_mask, self.causal)
+        if prefix is not None and doc_ids is None:  # no document masking: each row is one document
+            doc_ids = attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)
+        docs = None if doc_ids is None else docs_mask(doc_ids, attention_mask, self.causal, prefix)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # packed blocks have no padding: keep SDPA's fastest path
         return self.trunk(x, attn_mask=attention_mask, is_causal=self.causal, positions=positions, docs=docs)

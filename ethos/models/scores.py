@@ -46,18 +46,22 @@ class Docs(NamedTuple):
     `ids` (B, T) give each token's document; padding must be a document of its own (the collators give it
     id 0), so a real token never sees padding and a padding row still sees itself (no empty softmax row).
     `allowed` is the dense (B, 1, T, T) mask of the SDPA and plain paths; `block` FlexAttention's block mask
-    where FlexAttention trains (CUDA), else None."""
+    where FlexAttention trains (CUDA), else None. `prefix` (B, T), for prefix-LM attention (docs/design.md §12):
+    the id of the prefix span a token belongs to, 0 outside any; tokens of one span also see each other
+    bidirectionally (every other pair keeps the causal rule)."""
 
     ids: Tensor
     allowed: Tensor | None = None
     block: object | None = None
+    prefix: Tensor | None = None
 
 
 def allowed_keys(attn_mask: Tensor | None, is_causal: bool, T: int, device,
-                 doc_ids: Tensor | None = None) -> Tensor | None:
+                 doc_ids: Tensor | None = None, prefix: Tensor | None = None) -> Tensor | None:
     """(B|1, 1, T|1, T) bool, True where query t may attend to key j; None when every key is allowed.
     With `doc_ids`, only keys of the query's own document (and, as a guard for callers that give padding
-    a real document's id, no padding key for a real query)."""
+    a real document's id, no padding key for a real query). With `prefix` (`Docs.prefix`; causal only), a
+    query in a prefix span also sees the span's later tokens: same_doc & (j <= t | same prefix span)."""
     mask = attn_mask[:, None, None, :].bool() if attn_mask is not None else None
     if doc_ids is not None:
         same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
@@ -66,17 +70,28 @@ def allowed_keys(attn_mask: Tensor | None, is_causal: bool, T: int, device,
         mask = same
     if is_causal:
         tril = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        if prefix is not None:  # then still within the document and off padding (the mask above)
+            tril = tril | prefix_pairs(prefix)
         mask = tril if mask is None else mask & tril
     return mask
 
 
-def docs_mask(doc_ids: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Docs:
-    """The batch's document mask, built once: a FlexAttention block mask where FlexAttention trains, else
-    the dense mask of SDPA and the plain path."""
+def prefix_pairs(prefix: Tensor) -> Tensor:
+    """(B, 1, T, T): True where query and key lie in the same prefix span (id > 0)."""
+    return (prefix[:, None, :, None] == prefix[:, None, None, :]) & (prefix[:, None, :, None] > 0)
+
+
+def docs_mask(doc_ids: Tensor, attn_mask: Tensor | None, is_causal: bool, prefix: Tensor | None = None) -> Docs:
+    """The batch's document mask (with `prefix`, prefix-LM attention), built once: a FlexAttention block mask
+    where FlexAttention trains, else the dense mask of SDPA and the plain path."""
     B, T = doc_ids.shape
+    if prefix is not None and not is_causal:
+        raise ValueError("a prefix only changes causal attention (bidirectional attention sees every span)")
     if flex_usable(doc_ids.device.type):
-        return Docs(doc_ids, block=flex_block_mask(attn_mask, is_causal, doc_ids, B, T, doc_ids.device))
-    return Docs(doc_ids, allowed=allowed_keys(attn_mask, is_causal, T, doc_ids.device, doc_ids))
+        return Docs(doc_ids, block=flex_block_mask(attn_mask, is_causal, doc_ids, B, T, doc_ids.device, prefix),
+                    prefix=prefix)
+    return Docs(doc_ids, allowed=allowed_keys(attn_mask, is_causal, T, doc_ids.device, doc_ids, prefix),
+                prefix=prefix)
 
 
 def sdpa_mask(attn_mask: Tensor | None, is_causal: bool, T: int, device) -> tuple[Tensor | None, bool]:
@@ -172,9 +187,10 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_block_mask(attn_mask: Tensor | None, is_causal: bool, doc_ids: Tensor | None, B: int, T: int, device):
-    """FlexAttention's block mask for padding, causality and documents (the rule of `allowed_keys`), or None
-    when every key is allowed."""
+def flex_block_mask(attn_mask: Tensor | None, is_causal: bool, doc_ids: Tensor | None, B: int, T: int, device,
+                    prefix: Tensor | None = None):
+    """FlexAttention's block mask for padding, causality, documents and prefix spans (the rule of
+    `allowed_keys`), or None when every key is allowed."""
     from torch.nn.attention.flex_attention import create_block_mask  # see _compiled_flex
 
     if attn_mask is None and not is_causal and doc_ids is None:
@@ -187,14 +203,18 @@ def flex_block_mask(attn_mask: Tensor | None, is_causal: bool, doc_ids: Tensor |
             keep = pad[b, ki] | ~pad[b, qi] if doc_ids is not None else pad[b, ki]
         if doc_ids is not None:
             keep = keep & (doc_ids[b, qi] == doc_ids[b, ki])
-        return keep & (ki <= qi) if is_causal else keep
+        if not is_causal:
+            return keep
+        if prefix is not None:
+            return keep & ((ki <= qi) | ((prefix[b, qi] == prefix[b, ki]) & (prefix[b, qi] > 0)))
+        return keep & (ki <= qi)
 
     return create_block_mask(mask_mod, B, None, T, T, device=device)
 
 
 def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float, score: str,
          sigmoid_bias: float | None = None, compiled: bool = True, sink: Tensor | None = None,
-         doc_ids: Tensor | None = None, block_mask=None) -> Tensor:
+         doc_ids: Tensor | None = None, block_mask=None, prefix: Tensor | None = None) -> Tensor:
     """Every score function on FlexAttention (k, v may have fewer heads than q: GQA). Flex normalises like
     softmax: o = sum e^m(s) v / sum e^m(s), and returns lse = log sum e^m(s).
       softmax   m(s) = s: o as is.
@@ -202,12 +222,12 @@ def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: b
       sigmoid / relu  m(s) = log p(s) (log sigmoid(s + b), or log relu(s): -inf at s <= 0): the weights e^m
                 are p and the unnormalised sum is o * exp(lse); relu then divides by n.
     A row whose weights are all 0 comes back with o = 0 and lse = -inf: zero, not NaN. `block_mask` (built
-    once per batch, `Docs.block`) replaces the one attn_mask, is_causal and doc_ids give."""
+    once per batch, `Docs.block`) replaces the one attn_mask, is_causal, doc_ids and prefix give."""
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention  # see _compiled_flex
 
     B, H, T, _ = q.shape
     if block_mask is None:
-        block_mask = flex_block_mask(attn_mask, is_causal, doc_ids, B, T, q.device)
+        block_mask = flex_block_mask(attn_mask, is_causal, doc_ids, B, T, q.device, prefix)
     fn = _compiled_flex() if compiled else flex_attention
     gqa = k.shape[1] != H
     if score in ("softmax", *NULL_KEY):
@@ -216,7 +236,7 @@ def flex(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: b
             return o
         theta = sink.to(aux.lse.dtype).view(1, H, 1) if sink is not None else 0.0
         return o * torch.sigmoid(aux.lse - theta).to(o.dtype)[..., None]
-    allowed = allowed_keys(attn_mask, is_causal, T, q.device, doc_ids)
+    allowed = allowed_keys(attn_mask, is_causal, T, q.device, doc_ids, prefix)
     n = key_counts(allowed, T, q.float()).expand(B, 1, T, 1).reshape(B, T)
     if score == "sigmoid":
         def score_mod(s, b, h, qi, ki):
@@ -245,10 +265,12 @@ def flex_usable(device_type: str) -> bool:
         pad = torch.ones(2, 128, dtype=torch.bool, device="cuda")
         pad[1, 100:] = False
         docs = (torch.arange(128, device="cuda") // 40 + 1).expand(2, 128).masked_fill(~pad, 0)
+        prefix = docs.masked_fill(torch.arange(128, device="cuda") % 40 >= 15, 0)  # the first 15 of each
         sink = torch.tensor([0.5, -1.0], device="cuda")
-        for score, d in (("sigmoid", None), ("relu", None), *((s, docs) for s in ("softmax", *NULL_KEY, "relu"))):
-            a = flex(q, k, v, pad, True, 0.25, score, sink=sink if score == "sink" else None, doc_ids=d)
-            b = plain(q, k, v, allowed_keys(pad, True, 128, "cuda", d), 0.25, score, sink)[0]
+        for score, d, pre in (("sigmoid", None, None), ("relu", None, None),
+                              *((s, docs, None) for s in ("softmax", *NULL_KEY, "relu")), ("sigmoid", docs, prefix)):
+            a = flex(q, k, v, pad, True, 0.25, score, sink=sink if score == "sink" else None, doc_ids=d, prefix=pre)
+            b = plain(q, k, v, allowed_keys(pad, True, 128, "cuda", d, pre), 0.25, score, sink)[0]
             ga, gb = (torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (a, b))
             if not all(torch.allclose(x, y, rtol=1e-2, atol=1e-3) for x, y in zip((a, *ga), (b, *gb))):
                 return False
@@ -304,12 +326,12 @@ class Attend(nn.Module):
         gqa = k.shape[1] != q.shape[1]
         if docs is not None and docs.block is not None and not (dropout_p or self.probe):
             o = flex(q, k, v, attn_mask, is_causal, scale, self.score, self.sigmoid_bias, sink=self.sink,
-                     block_mask=docs.block, doc_ids=docs.ids)
+                     block_mask=docs.block, doc_ids=docs.ids, prefix=docs.prefix)
             return self._gate(x, o)
         allowed = None
         if docs is not None:
             allowed = docs.allowed if docs.allowed is not None else allowed_keys(attn_mask, is_causal, T, x.device,
-                                                                                 docs.ids)
+                                                                                 docs.ids, docs.prefix)
         if self.score == "softmax" and self.probe is None:
             if allowed is not None:
                 mask, causal = allowed, False
