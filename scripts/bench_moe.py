@@ -17,10 +17,10 @@ Timed, each on the same tokens and (for the MoE rows) the same weights:
 Configs: `ablation` is experiment=ffn_ablation's MoE (d 256, 64 experts of 128, top 6, 2 shared: DeepSeekMoE's
 counts); `mid` doubles d and the expert width; `v3` has DeepSeek-V3's counts (256 experts, top 8, 1 shared) and
 about its expert width over d (2048 / 7168, here 128 / 512); `ethos_ref` the same counts at the width of the
-reference study's ETHOS decoder (d 1024, experts of 256), the layer an MoE baseline for it would have. Reported: median ms, the naive loop's time over each
-(x vs loop), each over dense's, peak memory of a step (ethos.bench.step_peak_mb), parameters total and active, and
-the largest deviation of our output from the loop's and from transformers' (checks that all compute the same
-layer). Writes <out>/bench_moe.csv and .png.
+reference study's ETHOS decoder (d 1024, experts of 256), the layer an MoE baseline for it would have.
+Reported: median ms, the naive loop's time over each (x vs loop), each over dense's, peak memory of a step
+(ethos.bench.step_peak_mb), parameters total and active, and the largest deviation of our output from the loop's
+and from transformers' (checks that all compute the same layer). Writes <out>/bench_moe.csv and .png.
 """
 
 import argparse

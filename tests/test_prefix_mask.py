@@ -4,7 +4,7 @@ those under a dense mask built by hand, and perturbations show what may and may 
 
 import pytest
 import torch
-from test_doc_mask import LENGTHS, SCORES, T, VARIANTS, packed_ids, rel, spans, trunk
+from test_doc_mask import LENGTHS, SCORES, VARIANTS, T, packed_ids, rel, spans, trunk
 
 from ethos.models.scores import Docs, allowed_keys, docs_mask, flex, plain
 

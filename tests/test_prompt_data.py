@@ -151,7 +151,8 @@ def test_prefix_at_a_separator(tok):
             "doc_start": [1, 0, 0, 0, 0, 0, 0, 1, 0, 0], "bytes": [0] + [1] * 9}
     b = collator(tok, {"prefix": 1.0}, prefix_sep=sep)([item])
     assert b["prefix"][0, :10].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]  # up to and including "hello"
-    assert b["labels"][0, :10].tolist() == [-100] * 4 + [7, 8, tok.sep_token_id, -100, 10, tok.sep_token_id]  # no sep: no prefix
+    # the second document has no "hello": no prefix, and its first token is no target
+    assert b["labels"][0, :10].tolist() == [-100] * 4 + [7, 8, tok.sep_token_id, -100, 10, tok.sep_token_id]
 
 
 def test_prefix_mlm_and_clm_losses(tok, blocks):
