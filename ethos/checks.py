@@ -38,7 +38,9 @@ def check(cfg: DictConfig):
 
 
 def check_across_groups(cfg: DictConfig) -> None:
-    task_target(cfg)  # the task fits the data
+    target = task_target(cfg)  # the task fits the data
+    if cfg.get("task") and hasattr(get_class(target), "check_options"):  # the task's own rules across its keys
+        get_class(target).check_options(cfg)
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and epochs > 0:
         if not hasattr(get_class(cfg.data._target_), "num_train_samples"):

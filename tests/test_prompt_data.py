@@ -33,7 +33,7 @@ def blocks(tok) -> list[dict]:
 
 
 def collator(tok, paradigms, modes=False, sentinels=0, **kw) -> PromptCollator:
-    tokens = PromptTokens.build(len(tok), tok.mask_token_id, modes, sentinels)
+    tokens = PromptTokens.build(len(tok), kw.get("prefix_loss") == "mlm", modes, sentinels)
     return PromptCollator(tok, tokens, T, paradigms, **kw)
 
 
@@ -161,7 +161,7 @@ def test_prefix_mlm_and_clm_losses(tok, blocks):
     masked = mlm["mlm_labels"] != -100
     assert masked.sum() > 10
     assert torch.all(mlm["prefix"][masked] > 0)  # prefix tokens only
-    assert torch.all(mlm["input_ids"][masked] == tok.mask_token_id)
+    assert torch.all(mlm["input_ids"][masked] == len(tok))  # the model's own mask id, past the tokenizer's
     assert torch.equal(mlm["mlm_labels"][masked], plain["input_ids"][masked])
     assert torch.equal(mlm["input_ids"][~masked], plain["input_ids"][~masked])
     assert torch.equal(mlm["labels"], plain["labels"])

@@ -21,8 +21,7 @@ token and are predicted at their own position, under the prefix's bidirectional 
 
 Sampling is seeded per sample by (seed, micro-batch id, position in the global batch), like the MLM masks
 (ethos/data/sampling.py): a resumed run, and any world size, lays out every sample as one process would.
-Ids past the tokenizer's vocabulary (`PromptTokens`: the mask token when the tokenizer has none, the mode tokens,
-the sentinels) are the model's: its vocabulary is the tokenizer's plus `PromptTokens.extra`.
+Ids past the tokenizer's vocabulary (`PromptTokens`: a mask token of our own, the mode tokens, the sentinels) are the model's: its vocabulary is the tokenizer's plus `PromptTokens.extra`.
 """
 
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from ethos.data import spans
 from ethos.data.collate import document_keys, pad_batch
 from ethos.data.sampling import sample_seed
 from ethos.data.tokenizer import special_ids
+from ethos.errors import ConfigError
 
 PARADIGMS = ("clm", "prefix", "span")
 
@@ -47,24 +47,23 @@ class PromptTokens:
     sentinels: list[int] = field(default_factory=list)
 
     @classmethod
-    def build(cls, vocab: int, tokenizer_mask: int | None, modes: bool, n_sentinels: int) -> "PromptTokens":
-        nxt = vocab
-        mask = tokenizer_mask
-        if mask is None:
-            mask, nxt = nxt, nxt + 1
+    def build(cls, vocab: int, mask: bool, modes: bool, n_sentinels: int) -> "PromptTokens":
+        """A mask token of the model's own (whatever the tokenizer has: the layout is the same for every
+        tokenizer), a mode token per paradigm, and n_sentinels sentinels, as asked; -1: not asked."""
+        nxt = vocab + int(mask)
         mode_ids = {p: nxt + i for i, p in enumerate(PARADIGMS)} if modes else {}
         nxt += len(mode_ids)
-        return cls(vocab, mask, mode_ids, list(range(nxt, nxt + n_sentinels)))
+        return cls(vocab, vocab if mask else -1, mode_ids, list(range(nxt, nxt + n_sentinels)))
 
     @property
     def extra(self) -> int:
-        return int(self.mask >= self.vocab) + len(self.modes) + len(self.sentinels)
+        return int(self.mask >= 0) + len(self.modes) + len(self.sentinels)
 
     def names(self) -> dict[int, str]:
         """How the extra ids read (decoding)."""
         out = {s: f"<extra_id_{i}>" for i, s in enumerate(self.sentinels)}
         out.update({v: f"[{p.upper()}]" for p, v in self.modes.items()})
-        if self.mask >= self.vocab:
+        if self.mask >= 0:
             out[self.mask] = "[MASK]"
         return out
 
@@ -102,11 +101,20 @@ class PromptCollator:
                  prefix_loss: str = "none", mlm_probability: float = 0.15, span_density: float = 0.15,
                  span_mean: float = 3.0, seed: int = 0, doc_mask: bool = True, reset_positions: bool = True,
                  seq2seq: bool = False):
+        if len(tokenizer) != tokens.vocab:
+            raise ValueError(f"the model's extra ids start at {tokens.vocab}, but the tokenizer has {len(tokenizer)}")
+        if prefix_loss == "mlm" and tokens.mask < 0:
+            raise ValueError("prefix_loss=mlm needs a mask id (PromptTokens.build(mask=True))")
+        if "span" in paradigms and paradigms["span"] > 0 and not tokens.sentinels:
+            raise ValueError("span corruption needs sentinels (PromptTokens.build(n_sentinels > 0))")
         self.tokens, self.seq_len = tokens, seq_len
         self.names = [p for p in PARADIGMS if paradigms.get(p, 0) > 0]
         self.weights = torch.tensor([float(paradigms[p]) for p in self.names], dtype=torch.float64)
         self.lo, self.hi = prefix_range
         self.sep = tokenizer.convert_tokens_to_ids(prefix_sep) if prefix_sep is not None else None
+        if prefix_sep is not None and (self.sep is None or self.sep == tokenizer.unk_token_id):
+            raise ConfigError(f"task.prefix_sep={prefix_sep!r}: not a token of the tokenizer "
+                              f"{tokenizer.name_or_path or '(trained here)'}")
         self.prefix_loss, self.mlm_p = prefix_loss, mlm_probability
         self.density, self.mean = span_density, span_mean
         self.seed, self.doc_mask, self.reset_positions, self.seq2seq = seed, doc_mask, reset_positions, seq2seq

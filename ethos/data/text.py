@@ -175,12 +175,16 @@ class TextDataModule(L.LightningDataModule):
         """What the task needs to know about the data to build its model."""
         return {"vocab_size": self.vocab_size, "pad_id": self.pad_id}
 
+    def task(self):
+        return self.trainer.lightning_module if self.trainer is not None else None
+
     def objective(self) -> str:
         """The task says what batches it needs (CausalLM sets `objective = "clm"`); default masked LM."""
-        task = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(task, "objective", "mlm")
+        return getattr(self.task(), "objective", "mlm")
 
     def collate(self):
+        if hasattr(self.task(), "collator"):  # the prompt objectives lay batches out themselves (data/prompts.py)
+            return self.task().collator(self)
         docs = {"doc_mask": self.doc_mask, "reset_positions": self.reset_positions}
         if self.objective() == "clm":
             return CLMCollator(self.pad_id, self.seq_len, **docs)
