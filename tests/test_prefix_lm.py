@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_prompt_data import T, blocks, tok  # noqa: F401 - fixtures
 from test_prefix_mask import hand_mask_one
+from test_prompt_data import T, blocks, tok  # noqa: F401 - fixtures
 
 from conftest import TINY, compose, run_cli
 from ethos.data.collate import CLMCollator
@@ -29,17 +29,17 @@ def cfg() -> ModelConfig:
                        n_heads=2, rope_dims=4, max_seq_len=64)
 
 
-def prefix_lm(tok, **kw) -> PrefixLM:
+def prefix_lm(tokenizer, **kw) -> PrefixLM:
     torch.manual_seed(0)
-    task = PrefixLM(cfg(), OptimConfig(), len(tok), tok.pad_token_id, **kw).double()
+    task = PrefixLM(cfg(), OptimConfig(), len(tokenizer), tokenizer.pad_token_id, **kw).double()
     with torch.no_grad():  # larger weights: the prefix's attention makes a visible difference
         for p in task.parameters():
             p.mul_(4.0)
     return task.eval()
 
 
-def data(tok):
-    return SimpleNamespace(tokenizer=tok, seq_len=T, seed=0, doc_mask=True, reset_positions=True)
+def data(tokenizer):
+    return SimpleNamespace(tokenizer=tokenizer, seq_len=T, seed=0, doc_mask=True, reset_positions=True)
 
 
 def test_a_one_token_prefix_is_the_causal_lm(tok, blocks):  # noqa: F811
@@ -77,7 +77,7 @@ def test_prefix_loss_equals_float64_cross_entropy_by_hand(tok, blocks):  # noqa:
                     count += 1
         # and the mask made a difference: the same weights read causally give another loss
         causal = task.model.clm_loss(b["input_ids"], b["attention_mask"], b["labels"], b["doc_ids"], b["positions"])
-    assert n == count and float(loss) == pytest.approx(total / count, rel=1e-6)  # the step's cross-entropy runs in float32
+    assert n == count and float(loss) == pytest.approx(total / count, rel=1e-6)  # the step's CE: float32
     assert abs(float(causal[0]) - float(loss)) > 1e-4
 
 
@@ -89,11 +89,9 @@ def test_prefix_clm_and_mlm_losses(tok, blocks):  # noqa: F811
     with torch.no_grad():
         loss, _, _ = task._step(b)
         total = task.with_aux_loss(loss)
-        both = b["labels"].masked_fill(b["prefix_labels"] != -100, 0) + b["prefix_labels"].clamp(min=0) * (
-            b["prefix_labels"] != -100)
-        only_prefix = torch.where(b["prefix_labels"] != -100, both, -100)
-        want = task.model.clm_loss(b["input_ids"], b["attention_mask"], only_prefix, b["doc_ids"], b["positions"])[0]
-    assert float(total) == pytest.approx(float(loss) + 0.5 * float(want), rel=1e-6)  # the step's cross-entropy runs in float32
+        want = task.model.clm_loss(b["input_ids"], b["attention_mask"], b["prefix_labels"], b["doc_ids"],
+                                   b["positions"])[0]
+    assert float(total) == pytest.approx(float(loss) + 0.5 * float(want), rel=1e-6)  # CE in float32
 
     # mlm: masked prefix tokens predicted at their own position, under the prefix-LM attention
     task = prefix_lm(tok, prefix_loss="mlm", mlm_probability=0.3).train()
@@ -107,7 +105,7 @@ def test_prefix_clm_and_mlm_losses(tok, blocks):  # noqa: F811
         at = b["mlm_labels"] != -100
         z = task.model.logits(hidden[at])
         want = (torch.logsumexp(z, -1) - z.gather(1, b["mlm_labels"][at][:, None])[:, 0]).mean()
-    assert at.sum() > 3 and float(total) == pytest.approx(float(loss) + float(want), rel=1e-6)  # the step's cross-entropy runs in float32
+    assert at.sum() > 3 and float(total) == pytest.approx(float(loss) + float(want), rel=1e-6)  # CE in float32
 
 
 def test_mixture_logs_each_paradigm(tok, blocks):  # noqa: F811

@@ -21,7 +21,8 @@ token and are predicted at their own position, under the prefix's bidirectional 
 
 Sampling is seeded per sample by (seed, micro-batch id, position in the global batch), like the MLM masks
 (ethos/data/sampling.py): a resumed run, and any world size, lays out every sample as one process would.
-Ids past the tokenizer's vocabulary (`PromptTokens`: a mask token of our own, the mode tokens, the sentinels) are the model's: its vocabulary is the tokenizer's plus `PromptTokens.extra`.
+Ids past the tokenizer's vocabulary (`PromptTokens`: a mask token of our own, the mode tokens, the sentinels) are
+the model's: its vocabulary is the tokenizer's plus `PromptTokens.extra`.
 """
 
 from dataclasses import dataclass, field
