@@ -13,6 +13,7 @@ from test_prefix_mask import hand_mask_one
 from test_prompt_data import T, blocks, tok  # noqa: F401 - fixtures
 
 from conftest import TINY, compose, run_cli
+from ethos import checkpoint
 from ethos.data.collate import CLMCollator
 from ethos.models.attention import MHA
 from ethos.models.config import ModelConfig
@@ -135,11 +136,13 @@ def test_config_rules(tmp_path, override, message):
     assert "tokenize" not in r.stderr  # before any data is read
 
 
-@pytest.mark.parametrize("task", ["prefix_lm", "mixture"])
+@pytest.mark.parametrize("task", ["prefix_lm", "mixture", "seq2seq"])
 def test_short_runs_train(tmp_path, task):
     out = tmp_path / task
     train(compose([*TINY, f"task={task}", "model=mha", "trainer.max_steps=16", "trainer.val_check_interval=8",
-                   "task.prefix_loss=mlm" if task == "prefix_lm" else "task.n_sentinels=20"], output_dir=out))
+                   {"prefix_lm": "task.prefix_loss=mlm", "mixture": "task.n_sentinels=20",
+                    "seq2seq": "task.encoder_layers=1"}[task]], output_dir=out))
+    assert checkpoint.load(out / "checkpoints" / "last.ckpt")["hyper_parameters"]  # reads safely: plain containers
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val) >= 2 and val[-1] < val[0] and all(math.isfinite(v) for v in val)
@@ -147,5 +150,5 @@ def test_short_runs_train(tmp_path, task):
     assert "val/bpb" in keys
     if task == "mixture":
         assert {"val/loss_clm", "val/loss_prefix", "val/loss_span"} <= keys
-    else:
+    elif task == "prefix_lm":
         assert "val/prefix_mlm" in keys

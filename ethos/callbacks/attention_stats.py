@@ -15,6 +15,9 @@ i (averaged over heads and real query tokens):
     artifacts/layer{i}/max_activation  the largest |x| in the residual stream after the block (outlier
                                        features, what off-by-one attention claims to remove)
 
+The prompt objectives (ethos/tasks/prefix_lm.py, seq2seq.py) run their own forward (`forward_hidden`): prefix
+attention, and for an encoder–decoder both trunks' self-attention (cross-attention is not measured).
+
 With several processes each rank measures the rows of its own first validation batch (as many as every rank
 has): the logged averages are the mean over ranks, max_activation the largest on any rank.
 """
@@ -130,8 +133,13 @@ def measure(pl_module, batch: dict, sep_id: int | None, rows: int | None = None)
                     mask = one.get("attention_mask")
                     ids = one["input_ids"]
                     row["real"] = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+                    if "enc_attention_mask" in one:  # an encoder–decoder: real in either row (same width)
+                        row["real"] = row["real"] | one["enc_attention_mask"].bool()
                     row["sep"] = (one["input_ids"] == sep_id).float() if sep_id is not None else None
-                    model(one["input_ids"], one.get("attention_mask"))
+                    if hasattr(pl_module, "forward_hidden"):  # the prompt objectives: their own masks and rows
+                        pl_module.forward_hidden(one)
+                    else:
+                        model(one["input_ids"], one.get("attention_mask"))
                 elif "image" in one:
                     T = model.num_prefix + model.patch_embed.num_patches
                     row["real"], row["sep"] = torch.ones(1, T, dtype=torch.bool, device=pl_module.device), None

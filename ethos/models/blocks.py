@@ -63,15 +63,18 @@ class Trunk(nn.Module):
     activation dtype once per forward and shared by every layer's attention.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, block=None):
+        """`block`: a Block subclass (or a partial of one) for every layer, e.g. the encoder–decoder's
+        CrossBlock (ethos/models/seq2seq.py); Block by default."""
         super().__init__()
+        block = block or Block
         self.rope = Rotary(cfg.rope_dims, cfg.rope_theta, cfg.max_seq_len) if cfg.rope_dims else None
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         for block in self.blocks:
             mark_residual_outputs(block)
-            for m in (block.attn, block.ffn):
-                if not getattr(m, "custom_init", False):  # experts keep their own scheme
+            for m in (block.attn, getattr(block, "cross", None), block.ffn):
+                if m is not None and not getattr(m, "custom_init", False):  # experts keep their own scheme
                     m.apply(lambda mod: init_linear(mod, cfg.n_layers, cfg.zero_init))
 
     @staticmethod
@@ -80,8 +83,9 @@ class Trunk(nn.Module):
         return sum(Block.flops(cfg, i, seq_len, tokens) for i in range(cfg.n_layers))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
-                positions: Tensor | None = None, docs: Docs | None = None) -> Tensor:
-        """`positions` (B, T) restart RoPE at every document; `docs` keeps attention within documents."""
+                positions: Tensor | None = None, docs: Docs | None = None, **extra) -> Tensor:
+        """`positions` (B, T) restart RoPE at every document; `docs` keeps attention within documents; `extra`
+        goes to every block (the encoder's output for cross-attention)."""
         rope = None
         if self.rope is not None:
             # q and k come out of the attention projections: under autocast in its dtype, not x's
@@ -89,7 +93,7 @@ class Trunk(nn.Module):
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             rope = self.rope(x.shape[1], dtype, positions)
         for block in self.blocks:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope, docs=docs)
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope, docs=docs, **extra)
         return self.norm(x)
 
 
@@ -153,7 +157,7 @@ class TextBackbone(nn.Module):
         # to EOS/SEP (GPT-2, packed BERT data) padding_idx would freeze that real token's embedding
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.learned_pos else None
-        self.trunk = Trunk(cfg)  # ends in the final norm
+        self.trunk = self.build_trunk(cfg)  # ends in the final norm
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
         if self.pos_embed is not None:
@@ -162,6 +166,9 @@ class TextBackbone(nn.Module):
             nn.init.zeros_(self.lm_head.weight)
         elif self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def build_trunk(self, cfg: ModelConfig) -> Trunk:
+        return Trunk(cfg)
 
     def flops_per_token(self, seq_len: int, batch_size: int, head_fraction: float) -> float:
         """Forward FLOPs per token position: the trunk, plus the vocabulary head at the fraction of
@@ -177,10 +184,11 @@ class TextBackbone(nn.Module):
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
-                positions: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, prefix: Tensor | None = None, **extra) -> Tensor:
         """Hidden states (B, T, d) after the final norm. `doc_ids` (B, T) (document masking, padding a document
         of its own) keep attention within each packed document; `positions` (B, T) restart at each one;
-        `prefix` (B, T) span ids make each prefix bidirectional in a causal backbone (prefix-LM, `Docs`)."""
+        `prefix` (B, T) span ids make each prefix bidirectional in a causal backbone (prefix-LM, `Docs`); `extra`
+        goes to every block (ethos/models/seq2seq.py: the encoder's output and the cross-attention mask)."""
         x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -191,4 +199,4 @@ class TextBackbone(nn.Module):
         docs = None if doc_ids is None else docs_mask(doc_ids, attention_mask, self.causal, prefix)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # packed blocks have no padding: keep SDPA's fastest path
-        return self.trunk(x, attn_mask=attention_mask, is_causal=self.causal, positions=positions, docs=docs)
+        return self.trunk(x, attn_mask=attention_mask, is_causal=self.causal, positions=positions, docs=docs, **extra)

@@ -20,6 +20,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=bias)
 
     @staticmethod
+    def param_count(d_model: int, d_ff: int = 1024, bias: bool = False, **_) -> int:
+        return 3 * d_model * d_ff + bias * (2 * d_ff + d_model)
+
+    @staticmethod
     def flops(d_model: int, d_ff: int = 1024, **_) -> int:
         """Forward FLOPs per token: W_1, W_3 (d -> d_ff) and W_2 (d_ff -> d)."""
         return 2 * 3 * d_model * d_ff
@@ -38,6 +42,10 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff, bias=bias)
         self.w2 = nn.Linear(d_ff, d_model, bias=bias)
         self.act = ACTIVATIONS[activation]
+
+    @staticmethod
+    def param_count(d_model: int, d_ff: int = 1024, bias: bool = True, **_) -> int:
+        return 2 * d_model * d_ff + bias * (d_ff + d_model)
 
     @staticmethod
     def flops(d_model: int, d_ff: int = 1024, **_) -> int:

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -39,6 +40,13 @@ def check_paradigms(paradigms: dict[str, float], allowed: tuple[str, ...] = PARA
     return {k: float(v) for k, v in paradigms.items() if v > 0}
 
 
+def plain(value):
+    """A Hydra dict or list argument as a plain one (the task's hyperparameters go into checkpoints)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def check_range(prefix_range) -> tuple[float, float]:
     lo, hi = (float(x) for x in prefix_range)
     if not 0.0 <= lo <= hi <= 1.0:
@@ -47,6 +55,8 @@ def check_range(prefix_range) -> tuple[float, float]:
 
 
 class PrefixLM(LanguageModel):
+    seq2seq = False  # the collator's layout: one decoder row (here) or an encoder and a decoder row
+
     @staticmethod
     def check_options(cfg) -> None:
         """The rules across task keys, run by the config check before any data is read (ethos/checks.py)."""
@@ -65,6 +75,8 @@ class PrefixLM(LanguageModel):
                  prefix_loss_weight: NonNegativeFloat = 1.0, mlm_probability: OpenUnit = 0.15,
                  mode_tokens: bool = False, span_density: OpenUnit = 0.15, span_mean: PositiveFloat = 3.0,
                  n_sentinels: NonNegativeInt = 100):
+        # plain containers before the hyperparameters are saved: checkpoints hold no OmegaConf (ethos/checkpoint.py)
+        paradigms, prefix_range = plain(paradigms), plain(prefix_range)
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "optim"])
         self.paradigms = check_paradigms(paradigms or {"prefix": 1.0})
@@ -74,17 +86,20 @@ class PrefixLM(LanguageModel):
                             span_density=span_density, span_mean=span_mean)
         self.tokens = PromptTokens.build(vocab_size, prefix_loss == "mlm", mode_tokens,
                                          n_sentinels if "span" in self.paradigms else 0)
-        self.model = Decoder(model, vocab_size + self.tokens.extra, pad_id)
+        self.model = self.build_model(model, vocab_size + self.tokens.extra, pad_id)
         if model.compile:
             self.model.trunk.compile()
         self.val_paradigm = torch.nn.ModuleDict({p: MeanMetric() for p in self.paradigms})
         self._aux: Tensor | None = None
 
+    def build_model(self, model: ModelConfig, vocab_size: int, pad_id: int):
+        return Decoder(model, vocab_size, pad_id)
+
     def collator(self, dm) -> PromptCollator:
         """The data module's batches for this objective (ethos/data/text.py asks for them)."""
         return PromptCollator(dm.tokenizer, self.tokens, dm.seq_len, self.paradigms, self.prefix_range,
                               seed=dm.seed, doc_mask=dm.doc_mask, reset_positions=dm.reset_positions,
-                              **self.options)
+                              seq2seq=self.seq2seq, **self.options)
 
     def flops_per_token(self, batch_size: int, tokens_per_sample: int) -> float:
         once = self.model.flops_per_token(seq_len=tokens_per_sample, batch_size=batch_size)
@@ -94,15 +109,21 @@ class PrefixLM(LanguageModel):
         return self.model(batch["input_ids"], batch["attention_mask"], batch.get("doc_ids"), batch.get("positions"),
                           batch.get("prefix") if prefix else None)
 
-    def _step(self, batch: dict) -> tuple[Tensor, Tensor, int]:
-        hidden = self.forward_hidden(batch)
+    def continuation_loss(self, hidden: Tensor, batch: dict) -> tuple[Tensor, Tensor, int]:
+        """Mean next-token NLL of the labelled targets (position t predicts labels[t + 1]), logged per paradigm;
+        (loss, correct, count)."""
         target = batch["labels"][:, 1:]
         sel = target != -100
         logits = self.model.logits(hidden[:, :-1][sel])
         target = target[sel]
         nll = F.cross_entropy(logits.float(), target, reduction="none")
-        loss = nll.mean() if len(nll) else nll.sum()
         self.log_paradigms(nll, batch["paradigm"][:, 1:][sel])
+        loss = nll.mean() if len(nll) else nll.sum()
+        return loss, (logits.argmax(-1) == target).sum(), int(sel.sum())
+
+    def _step(self, batch: dict) -> tuple[Tensor, Tensor, int]:
+        hidden = self.forward_hidden(batch)
+        out = self.continuation_loss(hidden, batch)
         self._aux = None
         if "mlm_labels" in batch:  # masked prefix tokens, predicted in place under the bidirectional prefix
             at = batch["mlm_labels"] != -100
@@ -111,7 +132,7 @@ class PrefixLM(LanguageModel):
             at = batch["prefix_labels"][:, 1:] != -100
             causal = self.forward_hidden(batch, prefix=False)[:, :-1]
             self._aux = self.prefix_nll(causal[at], batch["prefix_labels"][:, 1:][at], "clm")
-        return loss, (logits.argmax(-1) == target).sum(), int(sel.sum())
+        return out
 
     def prefix_nll(self, hidden: Tensor, labels: Tensor, name: str) -> Tensor:
         nll = F.cross_entropy(self.model.logits(hidden).float(), labels) if len(labels) else hidden.sum() * 0

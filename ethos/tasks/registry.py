@@ -16,6 +16,7 @@ TASKS = {  # task class -> (data modality, backbone, placeholder sizes)
     "ethos.tasks.mlm.MaskedLM": ("text", "ethos.models.encoder.Encoder", {"vocab_size": 8}),
     "ethos.tasks.clm.CausalLM": ("text", "ethos.models.decoder.Decoder", {"vocab_size": 8}),
     "ethos.tasks.prefix_lm.PrefixLM": ("text", "ethos.models.decoder.Decoder", {"vocab_size": 8}),
+    "ethos.tasks.seq2seq.Seq2Seq": ("text", "ethos.models.seq2seq.EncoderDecoder", {"vocab_size": 8}),
     "ethos.tasks.classify.ImageClassifier": ("image", "ethos.models.vit.ViT",
                                              {"num_classes": 10, "img_size": 32, "patch_size": 4}),
     "ethos.tasks.finetune.SequenceClassifier": ("text-classification", "ethos.models.encoder.Encoder",
