@@ -9,6 +9,7 @@ runs where the pretraining ran (the same SLURM array job) and resumes the same w
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -40,8 +41,12 @@ def finetune_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     ft = cfg.copy()
     with open_dict(ft):
         ft.task, ft.data = composed.task, composed.data
+        options = getattr(get_class(pretraining), "finetune_options", None)
         if pretraining == CAUSAL:  # a decoder: its last real token is the only one that saw the whole input
             ft.task.backbone, ft.task.pooling = "decoder", "last"
+        elif options is not None:  # the prompt objectives say how their backbone reads an input
+            for k, v in options(cfg.task).items():
+                ft.task[k] = v
         elif pretraining != "ethos.tasks.mlm.MaskedLM":
             raise ConfigError(f"finetune_after={name}: fine-tunes a text backbone; this run trains "
                               f"{pretraining.rsplit('.', 1)[-1]} (images: task=classify|probe pretrained=<run dir>)")

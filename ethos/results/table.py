@@ -1,6 +1,6 @@
 """The results table: every run dir under a directory becomes a row (its overrides, variant, parameter counts total
 and active per token, best and final validation loss and bits per byte, downstream accuracy, tokens/s, peak memory,
-expert-layer balance, status); runs that differ only in `seed` form a group, reported as mean ± std over its
+expert-layer balance, the prompt probes where measured, status); runs that differ only in `seed` form a group, reported as mean ± std over its
 finished runs; both as Markdown."""
 
 import math
@@ -13,7 +13,10 @@ from ethos.rundir import STATUS_FILE, read_status_record, run_dir_of
 
 NUMERIC = ["params_total", "params_active", "params_non_embedding", "params_attention", "val_loss_best",
            "val_loss_final", "val_bpb_best", "val_bpb_final", "train_loss_final", "downstream_acc", "tokens_per_sec",
-           "peak_memory_gib", "expert_usage", "max_load", "steps"]
+           "peak_memory_gib", "expert_usage", "max_load", "steps", "prompt_bpb", "prompt_help_bpb", "probe_acc"]
+# the prompt-encoding probes (ethos/callbacks/prompts.py): columns of the Markdown tables where a run has them
+PROMPTS = {"prompt_bpb": "prompts/bpb_with_prompt", "prompt_help_bpb": "prompts/help_bpb",
+           "probe_acc": "prompts/probe_acc"}
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -79,6 +82,8 @@ def run_row(run_dir: Path, root: Path) -> dict:
             values = [_last(df, c) for c in df if c.startswith("experts/") and c.endswith(f"/{stat}")]
             row[stat] = sum(values) / len(values) if values else math.nan
         row["steps"] = int(df["step"].max()) + 1 if "step" in df and len(df) else 0
+        for col, key in PROMPTS.items():  # the last measurement: the model the run ends with
+            row[col] = _last(df, key)
         record = read_status_record(run_dir)
         if record is not None:
             row["status"] = record.get("status") or "unknown"
@@ -155,6 +160,11 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.{digits}f}" + ("" if std != std else f" ± {std:.{digits}f}")
 
 
+def prompt_columns(df) -> list[str]:
+    """The prompt probes' columns, where some run measured them."""
+    return [c for c in PROMPTS if c in df and df[c].notna().any()]
+
+
 def markdown(df, groups) -> str:
     """results.md: what every run shares, once; then the groups and the runs, each named by what differs."""
     shared = shared_overrides(df)
@@ -166,12 +176,14 @@ def markdown(df, groups) -> str:
     if len(groups):
         table = groups[["group", "variant", "runs", "done"]].copy()
         for key in ("params_total", "params_active", "val_loss_best", "val_loss_final", "val_bpb_best",
-                    "val_bpb_final", "downstream_acc", "tokens_per_sec", "peak_memory_gib", "expert_usage", "max_load"):
+                    "val_bpb_final", "downstream_acc", "tokens_per_sec", "peak_memory_gib", "expert_usage", "max_load",
+                    *prompt_columns(df)):
             table[key] = [_pm(m, s) for m, s in zip(groups[f"{key}_mean"], groups[f"{key}_std"])]
         lines.append(table.to_markdown(index=False))
     per_run = df[["group", "variant", "seed", "status", "params_total", "params_active", "params_non_embedding",
                   "params_attention", "val_loss_best", "val_loss_final", "val_bpb_best", "val_bpb_final",
-                  "downstream_acc", "tokens_per_sec", "peak_memory_gib", "expert_usage", "max_load", "error"]]
+                  "downstream_acc", "tokens_per_sec", "peak_memory_gib", "expert_usage", "max_load",
+                  *prompt_columns(df), "error"]]
     per_run = per_run.sort_values(["group", "seed"], na_position="last")
     per_run = per_run.astype(object).where(per_run.notna(), None)  # blank cells, not "nan"
     lines += ["", "## Per run", "", per_run.to_markdown(index=False, floatfmt=".4g", missingval=""), ""]

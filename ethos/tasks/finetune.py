@@ -2,7 +2,9 @@
 pooled hidden state, cross-entropy, accuracy from torchmetrics.
 
 Pooling: `cls` (the encoder's first token, [CLS]), `mean` (over real tokens), or `last` (the decoder's last
-real token, the only one that has seen the whole input). `pretrained`: a run dir (its checkpoints/last.ckpt)
+real token, the only one that has seen the whole input). The prompt objectives' runs (docs/design.md §12): a
+prefix-LM's decoder reads the input as one prefix (`prefix`), an encoder–decoder's encoder reads it
+(`backbone=seq2seq`), both with the ids their objective added (`extra_vocab`). `pretrained`: a run dir (its checkpoints/last.ckpt)
 or a checkpoint file; its backbone weights are loaded tensor for tensor, and anything but a head that does not
 match is an error naming the keys (ethos.pretrained). `lora`: LoRA adapters on the backbone's projections
 instead of a full fine-tune (ethos/models/lora.py); the adapter is saved to <run dir>/adapter at the end.
@@ -10,6 +12,8 @@ instead of a full fine-tune (ethos/models/lora.py); the adapter is saved to <run
 
 from pathlib import Path
 from typing import Literal
+
+from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +25,36 @@ from ethos.models.blocks import TextBackbone
 from ethos.models.config import ModelConfig
 from ethos.models.decoder import Decoder
 from ethos.models.encoder import Encoder
+from ethos.models.seq2seq import EncoderDecoder
 from ethos.optim import OptimConfig
 from ethos.tasks.base import Task
-from ethos.types import PositiveFloat
+from ethos.types import NonNegativeInt, PositiveFloat
+
+
+class Seq2SeqSizes(TypedDict, total=False):
+    """An encoder–decoder backbone's sizes (ethos/tasks/seq2seq.py)."""
+
+    encoder_layers: int | None
+    decoder_layers: int | None
+    cross_kv_heads: int | None
 
 
 class SequenceClassifier(Task):
     def __init__(self, model: ModelConfig, optim: OptimConfig, vocab_size: int, num_classes: int, pad_id: int = 0,
-                 backbone: Literal["encoder", "decoder"] = "encoder", pooling: Literal["cls", "mean", "last"] = "cls",
-                 pretrained: str | None = None, freeze: bool = False, dropout: float = 0.1,
-                 backbone_lr_scale: PositiveFloat = 1.0, lora: lora_.LoraOptions | None = None):
+                 backbone: Literal["encoder", "decoder", "seq2seq"] = "encoder",
+                 pooling: Literal["cls", "mean", "last"] = "cls", pretrained: str | None = None, freeze: bool = False,
+                 dropout: float = 0.1, backbone_lr_scale: PositiveFloat = 1.0, lora: lora_.LoraOptions | None = None,
+                 prefix: bool = False, extra_vocab: NonNegativeInt = 0, seq2seq: Seq2SeqSizes | None = None):
         lora = lora_.options(lora)  # a plain dict (or None: off) before the hyperparameters are saved
+        seq2seq = dict(seq2seq) if seq2seq is not None else None
         super().__init__(optim)
         self.save_hyperparameters(ignore=["model", "optim"])
-        self.model = (Decoder if backbone == "decoder" else Encoder)(model, vocab_size, pad_id)
+        vocab_size += extra_vocab  # a prompt objective's own ids (ethos/data/prompts.py): the checkpoint has them
+        if backbone == "seq2seq":
+            self.model = EncoderDecoder(model, vocab_size, pad_id, **(seq2seq or {}))
+        else:
+            self.model = (Decoder if backbone == "decoder" else Encoder)(model, vocab_size, pad_id)
+        self.seq2seq, self.prefix = backbone == "seq2seq", prefix
         if hasattr(self.model, "mlm_bias"):  # the MLM head's bias: a pretraining head, unused here (and an
             self.model.register_parameter("mlm_bias", None)  # unused parameter would stall DDP)
         self.pooling = pooling
@@ -63,7 +83,10 @@ class SequenceClassifier(Task):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.model(input_ids, attention_mask.bool())
+        if self.seq2seq:  # the encoder reads the input; the decoder is not used
+            hidden = self.model.encode(input_ids, attention_mask.bool())
+        else:  # `prefix`: a prefix-LM's decoder reads the whole input bidirectionally, as it read its prompts
+            hidden = self.model(input_ids, attention_mask.bool(), prefix=attention_mask.long() if self.prefix else None)
         return self.head(self.drop(self.pool(hidden, attention_mask)))
 
     def batch_dims(self, batch: dict) -> tuple[int, int]:

@@ -84,13 +84,28 @@ class PrefixLM(LanguageModel):
         self.prefix_loss, self.prefix_loss_weight = prefix_loss, prefix_loss_weight
         self.options = dict(prefix_sep=prefix_sep, prefix_loss=prefix_loss, mlm_probability=mlm_probability,
                             span_density=span_density, span_mean=span_mean)
-        self.tokens = PromptTokens.build(vocab_size, prefix_loss == "mlm", mode_tokens,
-                                         n_sentinels if "span" in self.paradigms else 0)
+        self.tokens = self.prompt_tokens(vocab_size, self.paradigms, prefix_loss, mode_tokens, n_sentinels)
         self.model = self.build_model(model, vocab_size + self.tokens.extra, pad_id)
         if model.compile:
             self.model.trunk.compile()
         self.val_paradigm = torch.nn.ModuleDict({p: MeanMetric() for p in self.paradigms})
         self._aux: Tensor | None = None
+
+    @staticmethod
+    def prompt_tokens(vocab_size: int, paradigms: dict, prefix_loss: str = "none", mode_tokens: bool = False,
+                      n_sentinels: int = 100) -> PromptTokens:
+        """The ids this objective adds to the tokenizer's (ethos/data/prompts.py)."""
+        spans = n_sentinels if paradigms.get("span", 0) > 0 else 0
+        return PromptTokens.build(vocab_size, prefix_loss == "mlm", mode_tokens, spans)
+
+    @classmethod
+    def finetune_options(cls, task_cfg) -> dict:
+        """How a fine-tune reads this objective's backbone (ethos/study.py): the decoder with its extra ids, the
+        input as a prefix when the objective trained prefixes."""
+        paradigms = check_paradigms(dict(task_cfg.get("paradigms") or {"prefix": 1.0}))
+        extra = cls.prompt_tokens(0, paradigms, task_cfg.get("prefix_loss", "none"),
+                                  task_cfg.get("mode_tokens", False), task_cfg.get("n_sentinels", 100)).extra
+        return {"backbone": "decoder", "pooling": "last", "prefix": "prefix" in paradigms, "extra_vocab": extra}
 
     def build_model(self, model: ModelConfig, vocab_size: int, pad_id: int):
         return Decoder(model, vocab_size, pad_id)

@@ -46,6 +46,13 @@ class Seq2Seq(PrefixLM):
         if model.compile:  # the decoder trunk is compiled by PrefixLM
             self.model.encoder.compile()
 
+    @classmethod
+    def finetune_options(cls, task_cfg) -> dict:
+        """A fine-tune reads the encoder, mean-pooled (T5's encoder for classification)."""
+        sizes = {k: task_cfg.get(k) for k in ("encoder_layers", "decoder_layers", "cross_kv_heads")}
+        return {**super().finetune_options(task_cfg), "backbone": "seq2seq", "pooling": "mean", "prefix": False,
+                "seq2seq": sizes}
+
     def build_model(self, model: ModelConfig, vocab_size: int, pad_id: int) -> EncoderDecoder:
         return EncoderDecoder(model, vocab_size, pad_id, **self.sizes)
 
