@@ -64,3 +64,37 @@ def test_modern_decoder_keys_compile_clean(task):
 @pytest.mark.parametrize("model", MODELS)
 def test_every_variant_score_and_task_compiles_without_graph_breaks(model, score, task):
     assert graph_breaks(backbone(model, task, score), *batch()) == (0, [])
+
+
+def trunk_breaks(trunk, call) -> tuple[int, list[str]]:
+    """Breaks in tracing `trunk` as `call()` calls it."""
+    seen = {}
+    handle = trunk.register_forward_pre_hook(lambda m, args, kwargs: seen.update(args=args, kwargs=kwargs),
+                                             with_kwargs=True)
+    call()
+    handle.remove()
+    dynamo.reset()
+    ex = dynamo.explain(trunk)(*seen["args"], **seen["kwargs"])
+    return ex.graph_break_count, [str(r.reason).splitlines()[0] for r in ex.break_reasons]
+
+
+@pytest.mark.parametrize("score", ["softmax", pytest.param("softmax1", marks=pytest.mark.slow),
+                                   pytest.param("sink", marks=pytest.mark.slow), "sigmoid",
+                                   pytest.param("relu", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["mha", pytest.param("mla", marks=pytest.mark.slow)])
+def test_prompt_objectives_compile_clean(model, score):
+    """The prefix-LM's trunk with prefix spans, and both trunks of the encoder-decoder (cross-attention included):
+    one graph each (docs/design.md §12)."""
+    from ethos.models.seq2seq import EncoderDecoder, cross_mask
+
+    net = backbone(model, "clm", score)
+    input_ids, pad, ids, pos = batch()
+    prefix = torch.where((pos < 2) & pad, ids, 0)  # the first 2 tokens of every document
+    assert trunk_breaks(net.trunk, lambda: net(input_ids, pad, ids, pos, prefix)) == (0, [])
+    cfg = compose([f"model={model}", "task=seq2seq", f"model.attn.score={score}", "model.n_layers=1",
+                   "model.d_model=64", "model.n_heads=4", "model.rope_dims=8"])
+    s2s = EncoderDecoder(instantiate(cfg.model), vocab_size=100, cross_kv_heads=2)
+    memory = s2s.encode(input_ids, pad, ids, pos)
+    cross = cross_mask(ids, ids, pad)
+    assert trunk_breaks(s2s.encoder, lambda: s2s.encode(input_ids, pad, ids, pos)) == (0, [])
+    assert trunk_breaks(s2s.trunk, lambda: s2s.decode(input_ids, memory, cross, pad, ids, pos)) == (0, [])
