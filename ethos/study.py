@@ -9,8 +9,8 @@ runs where the pretraining ran (the same SLURM array job) and resumes the same w
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.utils import get_class
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ethos.checks import check

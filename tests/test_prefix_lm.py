@@ -23,6 +23,7 @@ from ethos.optim import OptimConfig
 from ethos.study import train
 from ethos.tasks.clm import CausalLM
 from ethos.tasks.prefix_lm import PrefixLM
+from ethos.tasks.seq2seq import Seq2Seq
 
 
 def cfg() -> ModelConfig:
@@ -152,3 +153,41 @@ def test_short_runs_train(tmp_path, task):
         assert {"val/loss_clm", "val/loss_prefix", "val/loss_span"} <= keys
     elif task == "prefix_lm":
         assert "val/prefix_mlm" in keys
+
+
+@pytest.mark.parametrize("task_name, want", [
+    ("prefix_lm", {"backbone": "decoder", "pooling": "last", "prefix": True, "extra_vocab": 1}),
+    ("mixture", {"backbone": "decoder", "pooling": "last", "prefix": True, "extra_vocab": 3 + 100}),
+    ("seq2seq", {"backbone": "seq2seq", "pooling": "mean", "prefix": False, "extra_vocab": 0,
+                 "seq2seq": {"encoder_layers": 1, "decoder_layers": None, "cross_kv_heads": None}}),
+])
+def test_the_fine_tune_reads_the_backbone_as_its_objective_trained_it(tmp_path, task_name, want):
+    """finetune_after on a prompt objective's run: the classifier is built with the run's extra ids and reads the
+    input as the objective read prompts; its backbone takes the run's weights whole."""
+    from ethos.study import finetune_config
+    from ethos.tasks.finetune import SequenceClassifier
+
+    extra = ["task.prefix_loss=mlm"] if task_name == "prefix_lm" else []
+    extra += ["task.encoder_layers=1"] if task_name == "seq2seq" else []
+    cfg = compose([*TINY, f"task={task_name}", "model=mha", "finetune_after=docstrings", *extra], output_dir=tmp_path)
+    ft = finetune_config(cfg, tmp_path)
+    for k, v in want.items():
+        got = ft.task[k]
+        assert (dict(got) if hasattr(got, "items") else got) == v, k
+    pretraining = {"prefix_lm": lambda: PrefixLM(cfg(), OptimConfig(), 30, prefix_loss="mlm"),
+                   "mixture": lambda: PrefixLM(cfg(), OptimConfig(), 30, paradigms={"clm": 1, "span": 1},
+                                               mode_tokens=True),
+                   "seq2seq": lambda: Seq2Seq(cfg(), OptimConfig(), 30, encoder_layers=1)}[task_name]()
+    clf = SequenceClassifier(cfg(), OptimConfig(), 30, num_classes=3, **want)
+    clf.model.load_state_dict(pretraining.model.state_dict())  # every tensor, shapes included
+    ids = torch.randint(3, 30, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        if task_name == "seq2seq":
+            assert torch.equal(clf.eval().model.encode(ids, mask.bool()), pretraining.model.encode(ids, mask.bool()))
+            assert not any(p.requires_grad for p in clf.model.trunk.parameters())  # the unused decoder
+        else:  # the input read as one prefix: the last token's state changes with the first token's
+            h = clf.eval().model(ids, mask.bool(), prefix=mask)
+            ids2 = ids.clone()
+            ids2[:, -1] = (ids2[:, -1] + 1) % 30
+            assert not torch.allclose(clf.model(ids2, mask.bool(), prefix=mask)[:, 0], h[:, 0])  # bidirectional

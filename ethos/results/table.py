@@ -1,7 +1,7 @@
 """The results table: every run dir under a directory becomes a row (its overrides, variant, parameter counts total
 and active per token, best and final validation loss and bits per byte, downstream accuracy, tokens/s, peak memory,
-expert-layer balance, the prompt probes where measured, status); runs that differ only in `seed` form a group, reported as mean ± std over its
-finished runs; both as Markdown."""
+expert-layer balance, the prompt probes where measured, status); runs that differ only in `seed` form a group,
+reported as mean ± std over its finished runs; both as Markdown."""
 
 import math
 from pathlib import Path

@@ -4,21 +4,21 @@ pooled hidden state, cross-entropy, accuracy from torchmetrics.
 Pooling: `cls` (the encoder's first token, [CLS]), `mean` (over real tokens), or `last` (the decoder's last
 real token, the only one that has seen the whole input). The prompt objectives' runs (docs/design.md §12): a
 prefix-LM's decoder reads the input as one prefix (`prefix`), an encoder–decoder's encoder reads it
-(`backbone=seq2seq`), both with the ids their objective added (`extra_vocab`). `pretrained`: a run dir (its checkpoints/last.ckpt)
-or a checkpoint file; its backbone weights are loaded tensor for tensor, and anything but a head that does not
-match is an error naming the keys (ethos.pretrained). `lora`: LoRA adapters on the backbone's projections
-instead of a full fine-tune (ethos/models/lora.py); the adapter is saved to <run dir>/adapter at the end.
+(`backbone=seq2seq`), both with the ids their objective added (`extra_vocab`). `pretrained`: a run dir (its
+checkpoints/last.ckpt) or a checkpoint file; its backbone weights are loaded tensor for tensor, and anything but
+a head that does not match is an error naming the keys (ethos.pretrained). `lora`: LoRA adapters on the
+backbone's projections instead of a full fine-tune (ethos/models/lora.py); the adapter is saved to
+<run dir>/adapter at the end.
 """
 
 from pathlib import Path
 from typing import Literal
 
-from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import TypedDict  # pydantic (the config check) needs it before Python 3.12
 
 from ethos.models import lora as lora_
 from ethos.models.blocks import TextBackbone
@@ -63,6 +63,10 @@ class SequenceClassifier(Task):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.adopt_backbone(pretrained, freeze, backbone_lr_scale=backbone_lr_scale)  # its head is outside self.model
+        if self.seq2seq:  # the decoder side is never used: no gradient, so DDP does not wait for one
+            for m in (self.model.trunk, self.model.lm_head):
+                for p in (m.parameters() if m is not None else ()):
+                    p.requires_grad_(False)
         self.lora = lora
         if self.lora is not None:  # after the pretrained weights are in: peft freezes them, the adapters train
             self.model = lora_.attach(self.model, self.lora)
