@@ -1,16 +1,12 @@
 """experiment=ffn_ablation: its FFN points sit at equal active parameters per token (and one at equal total), and
 one multirun writes one table with active parameters, peak memory and the expert layers' balance."""
 
-import os
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose
+from conftest import compose, run_cli
 from ethos.checks import build_model_config, check
 from ethos.config import CONF_DIR
 from ethos.models.decoder import Decoder
@@ -47,9 +43,7 @@ def test_one_multirun_writes_one_table(cache_dir, tmp_path):
     args = ["-m", "experiment=ffn_ablation", "debug=tiny", "logger=csv", "print_config=false", "trainer.max_steps=4",
             "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "callbacks.throughput.window_size=2",
             f"paths.log_dir={tmp_path}"]
-    env = {**os.environ, "ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline"}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=560)
+    res = run_cli(args, tmp_path, env={"ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline"}, timeout=560)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = pd.read_csv(tmp_path / "ffn_ablation" / "multiruns" / "results.csv")
     assert len(runs) == 5 and (runs["status"] == "done").all(), runs[["run", "status", "error"]]

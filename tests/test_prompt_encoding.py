@@ -2,16 +2,12 @@
 decoder's module count) and equal training tokens, and one multirun that writes one table with the continuation
 bits per byte, the probes and the downstream accuracy of every objective."""
 
-import os
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose
+from conftest import compose, run_cli
 from ethos.checks import check
 from ethos.config import CONF_DIR
 from ethos.models.seq2seq import EncoderDecoder
@@ -56,9 +52,7 @@ def test_one_multirun_writes_one_table(cache_dir, tmp_path):
             "trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.prompt_probes.docs=16",
             "callbacks.prompt_probes.probe_limit=200", 'finetune_after.overrides=["trainer.max_epochs=null",'
             '"trainer.max_steps=4","trainer.val_check_interval=4"]', f"paths.log_dir={tmp_path}"]
-    env = {**os.environ, "ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline"}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=860)
+    res = run_cli(args, tmp_path, env={"ETHOS_CACHE": str(cache_dir), "WANDB_MODE": "offline"}, timeout=860)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = pd.read_csv(tmp_path / "prompt_encoding" / "multiruns" / "results.csv")
     assert len(runs) == 4 and (runs["status"] == "done").all(), runs[["run", "status", "error"]]
