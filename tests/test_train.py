@@ -127,3 +127,16 @@ def test_multirun_goes_on_after_a_failed_job(cache_dir, tmp_path):
     good = runs / "debug=tiny,model.n_heads=4,trainer.max_steps=3"
     assert torch.load(good / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert not (runs / "debug=tiny,model.n_heads=7,trainer.max_steps=3" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", [("task=mixture", "task.n_sentinels=20", "task.prefix_loss=mlm"),
+                                       ("task=seq2seq", "task.encoder_layers=1")], ids=["mixture", "seq2seq"])
+def test_prompt_objectives_resume_exactly(cache_dir, tmp_path, objective):
+    """The prompt objectives' layouts are drawn per sample from (seed, micro-batch, position): a run stopped and
+    resumed lays out the same batches and ends in the uninterrupted run's state (docs/design.md §12.2)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(resume_cfg(straight, 10, ("model=mha", *objective)))
+    train(resume_cfg(split, 6, ("model=mha", *objective)))
+    train(resume_cfg(split, 10, ("model=mha", *objective)))
+    assert_same_training_state(straight / "checkpoints" / "last.ckpt", split / "checkpoints" / "last.ckpt")
