@@ -169,8 +169,8 @@ def test_the_fine_tune_reads_the_backbone_as_its_objective_trained_it(tmp_path, 
 
     extra = ["task.prefix_loss=mlm"] if task_name == "prefix_lm" else []
     extra += ["task.encoder_layers=1"] if task_name == "seq2seq" else []
-    cfg = compose([*TINY, f"task={task_name}", "model=mha", "finetune_after=docstrings", *extra], output_dir=tmp_path)
-    ft = finetune_config(cfg, tmp_path)
+    run = compose([*TINY, f"task={task_name}", "model=mha", "finetune_after=docstrings", *extra], output_dir=tmp_path)
+    ft = finetune_config(run, tmp_path)
     for k, v in want.items():
         got = ft.task[k]
         assert (dict(got) if hasattr(got, "items") else got) == v, k

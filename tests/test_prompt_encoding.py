@@ -37,7 +37,7 @@ def test_objectives_at_equal_parameters_and_tokens():
     for objective, target in OBJECTIVES.items():
         cfg = compose(["experiment=prompt_encoding", f"prompt_objective={objective}"])
         assert task_target(cfg) == target
-        assert (cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.max_steps) == (32, 128, 116)  # equal tokens, one pass
+        assert (cfg.data.batch_size, cfg.data.seq_len, cfg.trainer.max_steps) == (32, 128, 116)  # one pass
     decoder, decoder_flops = params("causal")
     seq2seq, seq2seq_flops = params("seq2seq")
     assert abs(seq2seq / decoder - 1) < 0.01  # equal parameters (the default)
