@@ -20,6 +20,7 @@ from ethos.models.config import ModelConfig
 from ethos.models.ffn import SwiGLU
 from ethos.models.scores import Docs
 from ethos.optim import OptimConfig
+from ethos.pretrained import load_task
 from ethos.study import train
 from ethos.tasks.clm import CausalLM
 from ethos.tasks.prefix_lm import PrefixLM
@@ -144,6 +145,8 @@ def test_short_runs_train(tmp_path, task):
                    {"prefix_lm": "task.prefix_loss=mlm", "mixture": "task.n_sentinels=20",
                     "seq2seq": "task.encoder_layers=1"}[task]], output_dir=out))
     assert checkpoint.load(out / "checkpoints" / "last.ckpt")["hyper_parameters"]  # reads safely: plain containers
+    rebuilt, ckpt = load_task(out)  # and rebuilds the task from the checkpoint alone (the analysis tools do)
+    assert type(rebuilt).__name__ == {"seq2seq": "Seq2Seq"}.get(task, "PrefixLM")
     rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val) >= 2 and val[-1] < val[0] and all(math.isfinite(v) for v in val)

@@ -43,6 +43,8 @@ class Seq2Seq(PrefixLM):
         super().__init__(model, optim, vocab_size, pad_id, paradigms=paradigms, prefix_range=prefix_range,
                          prefix_sep=prefix_sep, mode_tokens=mode_tokens, span_density=span_density,
                          span_mean=span_mean, n_sentinels=n_sentinels)
+        for key in ("prefix_loss", "prefix_loss_weight", "mlm_probability"):  # PrefixLM's, not ours: a checkpoint
+            self.hparams.pop(key, None)  # rebuilds the task from its hyperparameters (ethos.pretrained.load_task)
         if model.compile:  # the decoder trunk is compiled by PrefixLM
             self.model.encoder.compile()
 
