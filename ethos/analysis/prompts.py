@@ -352,28 +352,30 @@ def plot(out: Path, rows: list[dict], lens_rows: list[dict]) -> None:
     from ethos.analysis.plots import pyplot
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    names = [Path(r["run"]).name for r in rows]
-    axes[0].bar(names, [r["help_bpb"] for r in rows])
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
+    names = [f"{i}: {r['objective']}" for i, r in enumerate(rows)]  # runs of one objective stay apart by index
+    colors = [f"C{i}" for i in range(len(rows))]
+    axes[0].bar(range(len(rows)), [r["help_bpb"] for r in rows], color=colors)
     axes[0].set_title("prompt help (bpb without - with)")
     if all(r.get("probe_acc") is not None for r in rows):
-        axes[1].bar(names, [r["probe_acc"] for r in rows])
-        axes[1].axhline(rows[0]["probe_chance"], color="k", ls="--", lw=1, label="majority")
-        axes[1].set_title(f"linear probe: {rows[0]['probe_labels']}")
-        axes[1].legend()
+        axes[1].bar(range(len(rows)), [r["probe_acc"] for r in rows], color=colors)
+        axes[1].axhline(rows[0]["probe_chance"], color="k", ls="--", lw=1)
+        axes[1].set_title(f"linear probe: {rows[0]['probe_labels']} (dashed: majority)")
+    for ax in axes[:2]:
+        ax.set_xticks(range(len(rows)), [str(i) for i in range(len(rows))])
+        ax.set_xlabel("run")
     for ax, key in zip(axes[2:], ("entropy", "unembed_frac")):
-        for r in rows:
+        for r, name, color in zip(rows, names, colors):
             for where, style in (("prompt", "-"), ("continuation", ":")):
                 pts = [(x["layer"], x[key]) for x in lens_rows if x["run"] == r["run"] and x["where"] == where]
                 if pts:
-                    ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"{Path(r['run']).name} {where}")
+                    ax.plot(*zip(*pts), style, color=color, marker="o", ms=3,
+                            label=name if where == "prompt" else None)
         ax.set_xlabel("layer (0: embedding)")
-        ax.set_title({"entropy": "logit-lens entropy (nats)", "unembed_frac": "residual in the head's top directions"
-                      }[key])
-    axes[3].legend(fontsize=7)
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", rotation=30, labelsize=7)
-    fig.tight_layout()
+        ax.set_title({"entropy": "logit-lens entropy (nats)", "unembed_frac": "residual share in the head's top dirs"
+                      }[key] + "\nsolid: prompt positions, dotted: continuation", fontsize=10)
+    fig.legend(*axes[2].get_legend_handles_labels(), loc="lower center", ncol=min(4, len(rows)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out / "prompts.png", dpi=110)
     plt.close(fig)
 
