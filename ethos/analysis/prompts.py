@@ -166,12 +166,11 @@ def hook_residuals(trunk, store: list) -> list:
 def documents(blocks, start_id: int | None, n: int, min_tokens: int = 16) -> list[tuple[list[int], list[int]]]:
     """Up to n (token ids, bytes) documents of at least min_tokens from packed blocks (the block's start token
     dropped), in order."""
+    from ethos.data.prompts import block_documents
+
     out = []
     for row in blocks:
-        ids, nb, starts = row["input_ids"], row["bytes"], row["doc_start"]
-        cuts = [i for i, s in enumerate(starts) if s or i == 0] + [len(ids)]
-        for a, b in zip(cuts, cuts[1:]):
-            doc, byt = list(ids[a:b]), list(nb[a:b])
+        for doc, byt in block_documents(row):
             if doc and doc[0] == start_id:
                 doc, byt = doc[1:], byt[1:]
             if len(doc) >= min_tokens:

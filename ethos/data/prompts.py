@@ -83,6 +83,14 @@ class Piece:
     paradigm: int
 
 
+def block_documents(item: dict) -> list[tuple[list[int], list[int]]]:
+    """A block's documents as (token ids, bytes), cut where `doc_start` marks one (a block without it: one)."""
+    ids, nb = list(item["input_ids"]), list(item.get("bytes") or [0] * len(item["input_ids"]))
+    start = list(item.get("doc_start") or [1] + [0] * (len(ids) - 1))
+    cuts = [i for i, s in enumerate(start) if s or i == 0] + [len(ids)]
+    return [(ids[a:b], nb[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
 def split_point(n: int, lo: float, hi: float, g: torch.Generator) -> int:
     """k prefix tokens of n, k / n uniform in [lo, hi], at least one token on each side (0 when n < 2)."""
     if n < 2:
@@ -171,17 +179,11 @@ class PromptCollator:
         return Piece(out_ids, out_bytes, prefix, target, prefix_target, mlm, PARADIGMS.index(paradigm))
 
     # ---------------------------------------------------------------- one row
-    def documents(self, item: dict) -> list[tuple[list[int], list[int]]]:
-        ids, nb = list(item["input_ids"]), list(item.get("bytes") or [0] * len(item["input_ids"]))
-        start = list(item.get("doc_start") or [1] + [0] * (len(ids) - 1))
-        cuts = [i for i, s in enumerate(start) if s or i == 0] + [len(ids)]
-        return [(ids[a:b], nb[a:b]) for a, b in zip(cuts, cuts[1:])]
-
     def row(self, item: dict, g: torch.Generator) -> list[Piece]:
         pieces, used = [], 0
         masks = torch.Generator().manual_seed(g.initial_seed() ^ 1)
         extra = int(self.seq2seq)  # the decoder's start token of each document: both rows then fit seq_len
-        for d, (ids, nb) in enumerate(self.documents(item)):
+        for d, (ids, nb) in enumerate(block_documents(item)):
             paradigm = self.names[int(torch.multinomial(self.weights, 1, generator=g))]
             p = self.piece(ids, nb, paradigm, self.seq_len - used - extra, g, masks, first=d == 0)
             if p is None:

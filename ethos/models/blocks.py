@@ -183,16 +183,20 @@ class TextBackbone(nn.Module):
         cap = self.cfg.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
+    def embed_tokens(self, ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Token embeddings, plus the learned positions (model.learned_pos) at `positions` or 0..T-1."""
+        x = self.embed(ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(ids.shape[1], device=ids.device) if positions is None else positions)
+        return x
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
                 positions: Tensor | None = None, prefix: Tensor | None = None, **extra) -> Tensor:
         """Hidden states (B, T, d) after the final norm. `doc_ids` (B, T) (document masking, padding a document
         of its own) keep attention within each packed document; `positions` (B, T) restart at each one;
         `prefix` (B, T) span ids make each prefix bidirectional in a causal backbone (prefix-LM, `Docs`); `extra`
         goes to every block (ethos/models/seq2seq.py: the encoder's output and the cross-attention mask)."""
-        x = self.embed(input_ids)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(input_ids.shape[1], device=input_ids.device)
-                                   if positions is None else positions)
+        x = self.embed_tokens(input_ids, positions)
         # built here, outside a compiled trunk: once per batch, shared by every layer
         if prefix is not None and doc_ids is None:  # no document masking: each row is one document
             doc_ids = attention_mask.long() if attention_mask is not None else torch.ones_like(input_ids)

@@ -147,12 +147,6 @@ class EncoderDecoder(TextBackbone):
         return (Trunk.flops(self.enc_cfg, seq_len, tokens) + Trunk.flops(self.dec_cfg, seq_len, tokens) + cross
                 + (seq_len - 1) / seq_len * 2 * d * V)
 
-    def embed_tokens(self, ids: Tensor, positions: Tensor | None) -> Tensor:
-        x = self.embed(ids)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(ids.shape[1], device=ids.device) if positions is None else positions)
-        return x
-
     def encode(self, ids: Tensor, attention_mask: Tensor | None = None, doc_ids: Tensor | None = None,
                positions: Tensor | None = None) -> Tensor:
         """The encoder's output (B, Te, d), bidirectional within each document."""

@@ -26,8 +26,4 @@ class CausalLM(LanguageModel):
                                                *self.documents(batch))
         return loss, correct, int(n)
 
-    def target_bytes(self, batch: dict) -> torch.Tensor | None:
-        """Bytes of the predicted tokens: position t predicts token t + 1, as clm_loss counts them."""
-        if "bytes" not in batch:
-            return None
-        return batch["bytes"][:, 1:][batch["labels"][:, 1:] != -100].sum()
+    target_bytes = LanguageModel.next_token_bytes  # position t predicts token t + 1, as clm_loss counts them

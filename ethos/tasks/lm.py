@@ -45,6 +45,12 @@ class LanguageModel(Task):
     def target_bytes(self, batch: dict) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def next_token_bytes(self, batch: dict) -> torch.Tensor | None:
+        """`target_bytes` of the next-token objectives: bytes of labels[t + 1], the token position t predicts."""
+        if "bytes" not in batch:
+            return None
+        return batch["bytes"][:, 1:][batch["labels"][:, 1:] != -100].sum()
+
     @staticmethod
     def documents(batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(doc_ids, positions) of a document-masked batch (ethos/data/collate.py), else None."""

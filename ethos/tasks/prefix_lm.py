@@ -180,9 +180,5 @@ class PrefixLM(LanguageModel):
             m.reset()
         super().on_validation_epoch_end()
 
-    def target_bytes(self, batch: dict) -> Tensor | None:
-        """Bytes of the next-token targets (position t predicts token t + 1); mode tokens and sentinels have none."""
-        if "bytes" not in batch:
-            return None
-        return batch["bytes"][:, 1:][batch["labels"][:, 1:] != -100].sum()
+    target_bytes = LanguageModel.next_token_bytes  # mode tokens and sentinels carry 0 bytes (data/prompts.py)
 
